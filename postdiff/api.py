@@ -1,0 +1,114 @@
+"""`apply(pipe, config)` / `remove(pipe)`: the two lines a diffusers user needs.
+
+`apply` gives the pipeline object a subclass of its own class whose `__call__` runs the PostDiff loop with
+the original signature and outputs, and installs the cache hooks the config needs. It is idempotent
+(apply removes first) and `remove` restores the original class and forward methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .caching import cross_attention, deepcache
+from .caching.state import RunState
+from .config import ConfigError, PostDiffConfig
+from .families import family_for
+from .families.base import Family
+from .sampler import Sampler, check_scheduler
+
+
+@dataclass
+class Patch:
+    config: PostDiffConfig
+    family: type[Family]
+    original_class: type
+    state: RunState = field(default_factory=RunState)
+
+    def reference_call(self):
+        """The `__call__` whose signature the patched call keeps (the pipeline's own, or its SD base's)."""
+        for cls in self.original_class.__mro__:
+            call = cls.__dict__.get("__call__")
+            if call is not None and _has_named_parameters(call):
+                return call
+        raise ConfigError(f"{self.original_class.__name__}.__call__ has no named parameters to bind")
+
+
+def _has_named_parameters(function) -> bool:
+    kinds = [p.kind for p in inspect.signature(function).parameters.values()]
+    return inspect.Parameter.VAR_POSITIONAL not in kinds
+
+
+def family_name(pipe) -> str:
+    return family_for(pipe).name
+
+
+def apply(pipe, config: PostDiffConfig | None = None):
+    """Run `pipe(...)` with PostDiff. Validates what can be checked without a call; returns `pipe`."""
+    config = config or PostDiffConfig()
+    remove(pipe)
+    family = family_for(pipe)
+    check_scheduler(pipe.scheduler, config)
+    patch = Patch(config, family, type(pipe))
+    denoiser = pipe.unet
+    if config.deepcache:
+        limit = deepcache.max_branch(denoiser)
+        if config.cache_branch > limit:
+            raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this U-Net has branches 0..{limit}")
+        deepcache.apply_deepcache(denoiser, config.cache_branch, patch.state)
+    if config.cross_attention_cache:
+        cross_attention.apply_cross_attention_cache(denoiser, config.ca_mode, patch.state)
+    pipe._postdiff = patch
+    pipe.__class__ = _patched_class(type(pipe))
+    return pipe
+
+
+def remove(pipe):
+    """Restore the original pipeline: class, forward methods, no PostDiff state. No-op if not applied."""
+    patch = pipe.__dict__.get("_postdiff")
+    if patch is None:
+        return pipe
+    for hook_name in (deepcache.HOOK_NAME, cross_attention.HOOK_NAME):
+        deepcache.remove_hooks(pipe.unet, hook_name)
+    pipe.__class__ = patch.original_class
+    del pipe.__dict__["_postdiff"]
+    return pipe
+
+
+def is_applied(pipe) -> bool:
+    return "_postdiff" in pipe.__dict__
+
+
+def config_of(pipe) -> PostDiffConfig | None:
+    patch = pipe.__dict__.get("_postdiff")
+    return patch.config if patch is not None else None
+
+
+def _postdiff_call(self, *args, **kwargs):
+    patch: Patch = self.__dict__["_postdiff"]
+    signature = inspect.signature(patch.reference_call())
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("self", None)
+    with torch.no_grad():
+        return Sampler(patch.family(self, arguments), patch.config, patch.state)()
+
+
+def plan_call(pipe, *args, **kwargs):
+    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything."""
+    patch: Patch = pipe.__dict__["_postdiff"]
+    bound = inspect.signature(patch.reference_call()).bind(pipe, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("self", None)
+    return Sampler(patch.family(pipe, arguments), patch.config, patch.state).prepare()
+
+
+@functools.cache
+def _patched_class(cls: type) -> type:
+    # Same name and module, so save_pretrained and repr read as the original pipeline.
+    return type(cls.__name__, (cls,), {"__call__": _postdiff_call, "__module__": cls.__module__, "__doc__": cls.__doc__})

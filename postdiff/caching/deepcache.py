@@ -1,0 +1,121 @@
+"""DeepCache for `UNet2DConditionModel`, as hooks: on "cached" steps the deep modules return their output
+from the last "full" step instead of running, so only the shallow branch computes.
+
+Skip connections s_0 (conv_in), s_1, ... are the outputs of the down path's layers in order (a layer is a
+resnet with its attention, or a down-sampler). Branch b keeps s_0..s_{b+1} live: conv_in and the first
+b+1 down layers run, and so do the up layers that consume those skips. Everything between (deeper down
+layers, the mid block, deeper up layers and their up-samplers) is the deep part. Branch 0 is DeepCache's
+default (its layer 0, block 0). Whole blocks inside the deep part are hooked as one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .state import RunState
+
+HOOK_NAME = "postdiff_deepcache"
+
+
+@dataclass(frozen=True)
+class Layer:
+    block: str  # "down_blocks.0"
+    modules: tuple[str, ...]  # module names relative to the U-Net
+    skip: int | None  # down: index of the skip it produces; up: index it consumes; None for up-samplers
+
+
+def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
+    """The down layers (producing skips s_1...) and up layers (consuming skips), in execution order."""
+    down, skip = [], 0
+    for block_index, block in enumerate(unet.down_blocks):
+        name = f"down_blocks.{block_index}"
+        for layer in range(len(block.resnets)):
+            skip += 1
+            down.append(Layer(name, _resnet_and_attention(block, name, layer), skip))
+        if getattr(block, "downsamplers", None) is not None:
+            skip += 1
+            down.append(Layer(name, (f"{name}.downsamplers",), skip))
+    up, consumed = [], skip
+    for block_index, block in enumerate(unet.up_blocks):
+        name = f"up_blocks.{block_index}"
+        for layer in range(len(block.resnets)):
+            up.append(Layer(name, _resnet_and_attention(block, name, layer), consumed))
+            consumed -= 1
+        if getattr(block, "upsamplers", None) is not None:
+            up.append(Layer(name, (f"{name}.upsamplers",), None))
+    if consumed != -1:
+        raise NotImplementedError(f"{type(unet).__name__}: up path consumes skips differently from the down path")
+    return down, up
+
+
+def _resnet_and_attention(block, name: str, layer: int) -> tuple[str, ...]:
+    modules = [f"{name}.resnets.{layer}"]
+    if getattr(block, "attentions", None) is not None:
+        modules.append(f"{name}.attentions.{layer}")
+    return tuple(modules)
+
+
+def max_branch(unet: torch.nn.Module) -> int:
+    down, _ = unet_layers(unet)
+    return len(down) - 1
+
+
+def deep_modules(unet: torch.nn.Module, branch: int) -> list[str]:
+    """Names of the modules skipped on cached steps (whole blocks where a block is entirely deep)."""
+    down, up = unet_layers(unet)
+    if not 0 <= branch < len(down):
+        raise ValueError(f"cache_branch={branch} is not allowed: this U-Net has branches 0..{len(down) - 1}")
+    keep = branch + 1  # skips s_0..s_keep stay live
+    deep_down = [layer for layer in down if layer.skip > keep]
+    first_live_up = next(i for i, layer in enumerate(up) if layer.skip is not None and layer.skip <= keep)
+    deep_up = up[:first_live_up]
+    names = _coarsen(deep_down, down) + ["mid_block"] * (unet.mid_block is not None) + _coarsen(deep_up, up)
+    return names
+
+
+def _coarsen(deep: list[Layer], every: list[Layer]) -> list[str]:
+    """Replace a block's layers by the block itself when all of its layers are deep."""
+    names = []
+    for block in dict.fromkeys(layer.block for layer in deep):
+        block_layers = [layer for layer in every if layer.block == block]
+        if all(layer in deep for layer in block_layers):
+            names.append(block)
+        else:
+            names.extend(name for layer in deep if layer.block == block for name in layer.modules)
+    return names
+
+
+class DeepCacheHook(ModelHook):
+    """Runs the module on full steps (keeping its output) and returns that output on cached steps."""
+
+    def __init__(self, name: str, state: RunState):
+        super().__init__()
+        self.name = name
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        step = self.state.step
+        if step is not None and step.unet == "cached":
+            return self.state.deep[self.name]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if step is not None:
+            self.state.deep[self.name] = output
+        return output
+
+
+def apply_deepcache(unet: torch.nn.Module, branch: int, state: RunState) -> list[str]:
+    names = deep_modules(unet, branch)
+    for name in names:
+        registry = HookRegistry.check_if_exists_or_initialize(unet.get_submodule(name))
+        registry.register_hook(DeepCacheHook(name, state), HOOK_NAME)
+    return names
+
+
+def remove_hooks(model: torch.nn.Module, hook_name: str) -> None:
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(hook_name, recurse=False)

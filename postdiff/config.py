@@ -1,0 +1,114 @@
+"""PostDiffConfig: what PostDiff turns on. Every default is "off", so a config names only what it enables."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+CA_MODES = ("cond", "ave", "cfg", "none")
+PRESETS = ("off", "deepcache", "paper")
+# The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
+PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
+
+
+class ConfigError(ValueError):
+    """A PostDiff setting that cannot run; raised before any compute, naming the setting, value and allowed range."""
+
+
+@dataclass(frozen=True)
+class PostDiffConfig:
+    """PostDiff settings.
+
+    beta: scale of the low-resolution latent (0 < beta <= 1); used while `switch` > 0.
+    switch: fraction s of the denoising steps run at low resolution (0 = mixed resolution off).
+    cache_interval: DeepCache k; the deep U-Net branch is computed every k steps and reused between (1 = off).
+    cache_branch: which skip branch bounds the shallow part that always runs (0 = shallowest, as DeepCache).
+    cfg_stop: index m of the first step without classifier-free guidance (None = never stop CFG).
+    ca_mode: what the cross-attention cache holds after `cfg_stop`: "cond" (conditional half, the paper's
+        default), "ave" (mean of the halves, as T-GATE), "cfg" (guided combination) or "none" (no
+        cross-attention cache: CFG stops, cross-attention is still computed on the conditional batch).
+    progressive: extra intermediate resolutions, as (scale, fraction) pairs in increasing scale, run after the
+        `beta` phase and before full resolution (beyond the paper; () = the paper's two-stage schedule).
+    """
+
+    beta: float = 1.0
+    switch: float = 0.0
+    cache_interval: int = 1
+    cache_branch: int = 0
+    cfg_stop: int | None = None
+    ca_mode: str = "cond"
+    progressive: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")
+        _check(isinstance(self.switch, (int, float)) and 0 <= self.switch < 1, "switch", self.switch, "a fraction in [0, 1)")
+        _check(_is_int(self.cache_interval) and self.cache_interval >= 1, "cache_interval", self.cache_interval, "an integer >= 1")
+        _check(_is_int(self.cache_branch) and self.cache_branch >= 0, "cache_branch", self.cache_branch, "an integer >= 0")
+        _check(
+            self.cfg_stop is None or (_is_int(self.cfg_stop) and self.cfg_stop >= 0),
+            "cfg_stop", self.cfg_stop, "None or an integer step index >= 0",
+        )
+        _check(self.ca_mode in CA_MODES, "ca_mode", self.ca_mode, f"one of {', '.join(CA_MODES)}")
+        self._check_progressive()
+        if self.switch > 0 and self.beta == 1:
+            raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
+
+    def _check_progressive(self) -> None:
+        object.__setattr__(self, "progressive", tuple(tuple(stage) for stage in self.progressive))
+        scales = [self.beta] + [stage[0] for stage in self.progressive]
+        for stage in self.progressive:
+            _check(
+                len(stage) == 2 and 0 < stage[0] < 1 and 0 < stage[1] < 1,
+                "progressive", self.progressive, "(scale, fraction) pairs with scale and fraction in (0, 1)",
+            )
+        _check(scales == sorted(set(scales)), "progressive", self.progressive, f"scales increasing from beta={self.beta}")
+        total = self.switch + sum(stage[1] for stage in self.progressive)
+        _check(not self.progressive or (self.switch > 0 and total < 1), "progressive", self.progressive,
+               "stages after a switch > 0 whose fractions plus switch stay below 1")
+
+    @property
+    def mixed_resolution(self) -> bool:
+        return self.switch > 0
+
+    @property
+    def deepcache(self) -> bool:
+        return self.cache_interval > 1
+
+    @property
+    def cross_attention_cache(self) -> bool:
+        return self.cfg_stop is not None and self.ca_mode != "none"
+
+    @property
+    def is_off(self) -> bool:
+        return not (self.mixed_resolution or self.deepcache or self.cfg_stop is not None)
+
+    @classmethod
+    def preset(cls, name: str, family: str = "sd") -> "PostDiffConfig":
+        """"off"; "deepcache" (k=2, shallowest branch); "paper": the paper's beta for the family, s=1/2, k=2, m=5, cond."""
+        _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")
+        if name == "off":
+            return cls()
+        if name == "deepcache":
+            return cls(cache_interval=2, cache_branch=0)
+        _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)}")
+        return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=0, cfg_stop=5, ca_mode="cond")
+
+    def with_changes(self, **changes) -> "PostDiffConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """Only the settings that differ from "off", e.g. "beta=0.5 switch=0.5 cache_interval=2"."""
+        default = PostDiffConfig()
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+        return " ".join(parts) or "off"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: expected {allowed}")

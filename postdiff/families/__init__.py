@@ -1,0 +1,6 @@
+"""Model families: how a pipeline encodes prompts, calls its denoiser and decodes. The loop is in sampler.py."""
+
+from __future__ import annotations
+
+from .base import Family, family_for, supported_pipelines  # noqa: F401
+from . import sd, sdxl  # noqa: F401  (registers the families)

@@ -1,0 +1,93 @@
+"""The family interface and the registry that maps a pipeline to its family."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..config import ConfigError
+from ..plan import ModelFacts
+
+_FAMILIES: list[type["Family"]] = []
+
+
+def register(family: type["Family"]) -> type["Family"]:
+    _FAMILIES.append(family)
+    return family
+
+
+def supported_pipelines() -> list[str]:
+    return [name for family in _FAMILIES for name in family.pipeline_names]
+
+
+def family_for(pipe) -> type["Family"]:
+    """The most specific family whose pipeline class is `pipe`'s class or one of its bases."""
+    for cls in type(pipe).__mro__:
+        for family in reversed(_FAMILIES):  # later registrations are more specific (testbed after SD)
+            if cls.__name__ in family.pipeline_names:
+                return family
+    raise ConfigError(
+        f"pipeline {type(pipe).__name__} is not supported by postdiff; supported: {', '.join(supported_pipelines())}"
+    )
+
+
+class Family:
+    """One pipeline call of a model family. Created per call, so nothing survives from one call to the next."""
+
+    name = "base"
+    pipeline_names: tuple[str, ...] = ()
+    unsupported_arguments: tuple[str, ...] = ()  # arguments PostDiff refuses when they are not None
+
+    def __init__(self, pipe, arguments: dict):
+        self.pipe = pipe
+        self.args = arguments
+        self.device = pipe._execution_device
+
+    # -- before any compute
+    def check(self) -> None:
+        for name in self.unsupported_arguments:
+            if self.args.get(name) is not None:
+                raise ConfigError(f"{name} is not supported by postdiff for {type(self.pipe).__name__}; leave it None")
+
+    def timesteps(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
+        raise NotImplementedError
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def do_cfg(self) -> bool:
+        return bool(self.pipe.do_classifier_free_guidance)
+
+    @property
+    def num_images(self) -> int:
+        raise NotImplementedError
+
+    # -- compute
+    def encode(self) -> None:
+        raise NotImplementedError
+
+    def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor):
+        raise NotImplementedError
+
+    def callback_tensors(self, latents: torch.Tensor) -> dict:
+        return {"latents": latents}
+
+
+def call_with(function, arguments: dict, **overrides):
+    """Call `function` with the entries of `arguments` that it accepts by name, plus `overrides`."""
+    accepted = inspect.signature(function).parameters
+    values = {name: arguments[name] for name in accepted if name in arguments}
+    values.update(overrides)
+    return function(**values)

@@ -1,0 +1,153 @@
+"""Stable Diffusion 1.x/2.x (epsilon and v-prediction) and the embedded pixel-space testbed model.
+
+Every step before and after the loop is the pipeline's own method (check_inputs, encode_prompt,
+prepare_latents, run_safety_checker, image_processor.postprocess), called in the pipeline's order, so
+the "off" config reproduces `StableDiffusionPipeline.__call__` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+from ..caching.deepcache import max_branch
+from ..plan import ModelFacts
+from .base import Family, call_with, register
+
+
+def unet_size_multiple(unet) -> int:
+    return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in unet.down_blocks)
+
+
+def restart_repeats(scheduler) -> int:
+    """PNDM (PLMS) evaluates its second timestep twice while warming up; a restarted one does it again."""
+    return 1 if type(scheduler).__name__ == "PNDMScheduler" else 0
+
+
+@register
+class StableDiffusionFamily(Family):
+    name = "sd"
+    pipeline_names = ("StableDiffusionPipeline",)
+    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
+
+    def __init__(self, pipe, arguments: dict):
+        super().__init__(pipe, arguments)
+        a = self.args
+        default = pipe.unet.config.sample_size
+        default = default if isinstance(default, int) else default[0]
+        self.height = a["height"] or default * pipe.vae_scale_factor
+        self.width = a["width"] or default * pipe.vae_scale_factor
+        kwargs = a.get("kwargs") or {}
+        if kwargs.get("callback") is not None:
+            raise ValueError("the deprecated `callback` argument is not supported by postdiff; use callback_on_step_end")
+        self.callback_steps = kwargs.get("callback_steps")
+
+    def check(self) -> None:
+        super().check()
+        pipe, a = self.pipe, self.args
+        call_with(pipe.check_inputs, a, height=self.height, width=self.width, callback_steps=self.callback_steps)
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._guidance_rescale = a["guidance_rescale"]
+        pipe._clip_skip = a["clip_skip"]
+        pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
+        pipe._interrupt = False
+
+    @property
+    def batch_size(self) -> int:
+        prompt = self.args["prompt"]
+        if isinstance(prompt, str):
+            return 1
+        return len(prompt) if prompt is not None else self.args["prompt_embeds"].shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return self.batch_size * self.args["num_images_per_prompt"]
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        factor = self.pipe.vae_scale_factor
+        return (int(self.height) // factor, int(self.width) // factor)
+
+    def timesteps(self) -> torch.Tensor:
+        a = self.args
+        timesteps, _ = retrieve_timesteps(self.pipe.scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])
+        self.pipe._num_timesteps = len(timesteps)
+        return timesteps
+
+    def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
+        unet = self.pipe.unet
+        return ModelFacts(latent_hw, unet_size_multiple(unet), max_branch(unet), restart_repeats(self.pipe.scheduler))
+
+    def encode(self) -> None:
+        pipe, a = self.pipe, self.args
+        cross_attention_kwargs = a["cross_attention_kwargs"]
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        self.prompt_embeds, self.negative_prompt_embeds = pipe.encode_prompt(
+            a["prompt"], self.device, a["num_images_per_prompt"], self.do_cfg, a["negative_prompt"],
+            prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+            lora_scale=lora_scale, clip_skip=a["clip_skip"],
+        )
+        self.cfg_embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds]) if self.do_cfg else None
+        self.timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(a["guidance_scale"] - 1).repeat(self.num_images)
+            self.timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+            self.timestep_cond = self.timestep_cond.to(device=self.device, dtype=self.prompt_embeds.dtype)
+
+    def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        pipe, a = self.pipe, self.args
+        factor = pipe.vae_scale_factor
+        return pipe.prepare_latents(
+            self.num_images, pipe.unet.config.in_channels, latent_hw[0] * factor, latent_hw[1] * factor,
+            self.prompt_embeds.dtype, self.device, a["generator"], a["latents"],
+        )
+
+    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+        return self.pipe.unet(
+            model_input,
+            t,
+            encoder_hidden_states=self.cfg_embeds if cfg else self.prompt_embeds,
+            timestep_cond=self.timestep_cond,
+            cross_attention_kwargs=self.args["cross_attention_kwargs"],
+            added_cond_kwargs=None,
+            return_dict=False,
+        )[0]
+
+    def callback_tensors(self, latents: torch.Tensor) -> dict:
+        return {"latents": latents, "prompt_embeds": self.cfg_embeds if self.do_cfg else self.prompt_embeds,
+                "negative_prompt_embeds": self.negative_prompt_embeds}
+
+    def decode(self, latents: torch.Tensor):
+        pipe, a = self.pipe, self.args
+        output_type = a["output_type"]
+        if output_type != "latent":
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=a["generator"])[0]
+            image, has_nsfw_concept = pipe.run_safety_checker(image, self.device, self.prompt_embeds.dtype)
+        else:
+            image, has_nsfw_concept = latents, None
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
+        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        pipe.maybe_free_model_hooks()
+        if not a["return_dict"]:
+            return (image, has_nsfw_concept)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+
+@register
+class TestbedFamily(StableDiffusionFamily):
+    """The embedded model: Stable Diffusion's loop in pixel space, so decoding is only post-processing."""
+
+    __test__ = False
+    name = "testbed"
+    pipeline_names = ("TestbedPipeline",)
+
+    def decode(self, latents: torch.Tensor):
+        from ..testbed.model import decode_pixels
+
+        pipe, a = self.pipe, self.args
+        pipe.maybe_free_model_hooks()
+        images = decode_pixels(pipe, latents, a["output_type"])
+        if not a["return_dict"]:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

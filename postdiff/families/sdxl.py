@@ -1,0 +1,141 @@
+"""Stable Diffusion XL: two text encoders, pooled text embeddings and added time ids.
+
+At a lower resolution the micro-conditioning follows the latent: original size, target size and crop
+coordinates are multiplied by the phase's scale (rounded), so the U-Net is told it makes an image of the
+size it actually makes, as SDXL was trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from .base import call_with, register
+from .sd import StableDiffusionFamily
+
+
+def _scaled(size, scale: float):
+    return tuple(round(value * scale) for value in size)
+
+
+@register
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    name = "sdxl"
+    pipeline_names = ("StableDiffusionXLPipeline",)
+
+    def __init__(self, pipe, arguments: dict):
+        super().__init__(pipe, arguments)
+        self.height = arguments["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        self.width = arguments["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+
+    def check(self) -> None:
+        super().check()
+        self.pipe._denoising_end = self.args["denoising_end"]
+
+    def timesteps(self) -> torch.Tensor:
+        a, scheduler = self.args, self.pipe.scheduler
+        timesteps, _ = retrieve_timesteps(scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])
+        end = a["denoising_end"]
+        if end is not None and isinstance(end, float) and 0 < end < 1:
+            cutoff = int(round(scheduler.config.num_train_timesteps - end * scheduler.config.num_train_timesteps))
+            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+        self.pipe._num_timesteps = len(timesteps)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return timesteps
+
+    def encode(self) -> None:
+        pipe, a = self.pipe, self.args
+        cross_attention_kwargs = a["cross_attention_kwargs"]
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        (self.prompt_embeds, self.negative_prompt_embeds, self.pooled, self.negative_pooled) = call_with(
+            pipe.encode_prompt, a, device=self.device, do_classifier_free_guidance=self.do_cfg, lora_scale=lora_scale
+        )
+        if pipe.text_encoder_2 is None:
+            self.projection_dim = int(self.pooled.shape[-1])
+        else:
+            self.projection_dim = pipe.text_encoder_2.config.projection_dim
+        self.cfg_embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds], dim=0) if self.do_cfg else None
+        self.cfg_text_embeds = torch.cat([self.negative_pooled, self.pooled], dim=0) if self.do_cfg else None
+        self.time_ids = {}
+        self.timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(a["guidance_scale"] - 1).repeat(self.num_images)
+            self.timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+            self.timestep_cond = self.timestep_cond.to(device=self.device, dtype=self.prompt_embeds.dtype)
+
+    def _time_ids(self, scale: float, cfg: bool) -> torch.Tensor:
+        """Added time ids for a phase, built as the pipeline builds them (cat, then repeat per image)."""
+        key = (scale, cfg)
+        if key not in self.time_ids:
+            a, pipe = self.args, self.pipe
+            full = (self.height, self.width)
+            ids = self._ids(a["original_size"] or full, a["crops_coords_top_left"], a["target_size"] or full, scale)
+            if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+                negative = self._ids(a["negative_original_size"], a["negative_crops_coords_top_left"], a["negative_target_size"], scale)
+            else:
+                negative = ids
+            ids = torch.cat([negative, ids], dim=0) if cfg else ids
+            self.time_ids[key] = ids.to(self.device).repeat(self.num_images, 1)
+        return self.time_ids[key]
+
+    def _ids(self, original_size, crops, target_size, scale: float) -> torch.Tensor:
+        return self.pipe._get_add_time_ids(
+            _scaled(original_size, scale), _scaled(crops, scale), _scaled(target_size, scale),
+            dtype=self.prompt_embeds.dtype, text_encoder_projection_dim=self.projection_dim,
+        )
+
+    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+        added = {"text_embeds": (self.cfg_text_embeds if cfg else self.pooled).to(self.device),
+                 "time_ids": self._time_ids(scale, cfg)}
+        return self.pipe.unet(
+            model_input,
+            t,
+            encoder_hidden_states=(self.cfg_embeds if cfg else self.prompt_embeds).to(self.device),
+            timestep_cond=self.timestep_cond,
+            cross_attention_kwargs=self.args["cross_attention_kwargs"],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+    def callback_tensors(self, latents: torch.Tensor) -> dict:
+        cfg = self.do_cfg
+        return {"latents": latents, "prompt_embeds": self.cfg_embeds if cfg else self.prompt_embeds,
+                "add_text_embeds": self.cfg_text_embeds if cfg else self.pooled,
+                "add_time_ids": self._time_ids(1.0, cfg), "negative_prompt_embeds": self.negative_prompt_embeds,
+                "negative_pooled_prompt_embeds": self.negative_pooled}
+
+    def decode(self, latents: torch.Tensor):
+        pipe, a = self.pipe, self.args
+        output_type = a["output_type"]
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self._vae_decode(latents)
+            if pipe.watermark is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        if not a["return_dict"]:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+        if needs_upcasting:
+            self.pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
+        if needs_upcasting:
+            vae.to(dtype=torch.float16)
+        return image

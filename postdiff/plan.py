@@ -1,0 +1,192 @@
+"""Config + step count + model facts -> StepPlan: plain data, computed before any compute (no torch).
+
+The sampler executes a plan, the accounting sums per-step costs over the same plan, the sweeps enumerate
+plans. Printing a plan shows exactly what a config does.
+
+Rounding: phase boundaries are cumulative fractions of the scheduler's timesteps, rounded half up
+(`floor(fraction * steps + 0.5)`); every phase must get at least one step, else the config is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import ConfigError, PostDiffConfig
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs to know about the denoiser and the scheduler, nothing else."""
+
+    latent_hw: tuple[int, int]  # full-resolution latent size
+    size_multiple: int = 1  # latent sides must be multiples of this (2 ** number of down-samplers)
+    max_cache_branch: int | None = None  # deepest valid DeepCache branch; None = no U-Net skip branches
+    restart_repeats: int = 0  # extra evaluations a restarted scheduler needs (PNDM's warm-up repeats one)
+    num_blocks: int | None = None  # transformer blocks (DiT families), for block caching
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A run of steps at one resolution, with a fresh scheduler state (timesteps[start:end] plus repeats)."""
+
+    scale: float
+    latent_hw: tuple[int, int]
+    timestep_start: int
+    timestep_end: int
+    first_step: int
+    num_steps: int
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    phase: int
+    latent_hw: tuple[int, int]
+    cfg: bool  # classifier-free guidance: batch of 2 x images
+    unet: str  # "full" (deep branch computed and stored) or "cached" (deep branch reused)
+    cross_attention: str  # "computed" or "cached"
+    capture_cross_attention: bool  # store this step's cross-attention outputs for later reuse
+    events: tuple[str, ...] = ()  # what happens before this step: "switch", "cfg_stop"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    config: PostDiffConfig
+    phases: tuple[Phase, ...]
+    steps: tuple[Step, ...]
+    facts: ModelFacts = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def describe(self) -> str:
+        lines = [f"PostDiff plan: {len(self.steps)} steps, config: {self.config.describe()}"]
+        lines.append(f"{'step':>4}  {'latent':>9}  {'cfg':>3}  {'unet':>6}  {'cross-attn':>10}  events")
+        for step in self.steps:
+            size = f"{step.latent_hw[0]}x{step.latent_hw[1]}"
+            events = ", ".join(_EVENT_TEXT[e] for e in step.events)
+            cfg = "on" if step.cfg else "off"
+            lines.append(f"{step.index:>4}  {size:>9}  {cfg:>3}  {step.unet:>6}  {step.cross_attention:>10}  {events}")
+        return "\n".join(lines)
+
+
+_EVENT_TEXT = {
+    "switch": "switch: x0 -> bilinear upsample -> re-noise, scheduler restarted, deep cache reset",
+    "cfg_stop": "CFG stops: one conditional batch, cached deep features keep their conditional half",
+}
+
+
+def round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def make_plan(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts, do_cfg: bool = True) -> StepPlan:
+    if num_timesteps < 1:
+        raise ConfigError(f"num_inference_steps gives {num_timesteps} timesteps: expected at least 1")
+    _check_cache_branch(config, facts)
+    phases = _phases(config, num_timesteps, facts)
+    total = sum(phase.num_steps for phase in phases)
+    _check_cfg_stop(config, total)
+    steps = tuple(_step(config, phases, phase_index, index, do_cfg) for phase_index, phase in enumerate(phases)
+                  for index in range(phase.first_step, phase.first_step + phase.num_steps))
+    return StepPlan(config=config, phases=phases, steps=steps, facts=facts)
+
+
+def _stage_scales(config: PostDiffConfig) -> list[tuple[float, float]]:
+    """(scale, fraction of steps) for every stage before full resolution."""
+    if not config.mixed_resolution:
+        return []
+    return [(config.beta, config.switch), *config.progressive]
+
+
+def _phases(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts) -> tuple[Phase, ...]:
+    stages = _stage_scales(config)
+    boundaries, cumulative = [0], 0.0
+    for scale, fraction in stages:
+        cumulative += fraction
+        boundaries.append(round_half_up(cumulative * num_timesteps))
+    boundaries.append(num_timesteps)
+    scales = [scale for scale, _ in stages] + [1.0]
+    phases, first_step = [], 0
+    for index, scale in enumerate(scales):
+        start, end = boundaries[index], boundaries[index + 1]
+        if end <= start:
+            raise ConfigError(
+                f"switch={config.switch} progressive={config.progressive} with {num_timesteps} timesteps leaves "
+                f"{max(0, end - start)} steps at scale {scale}: every resolution needs at least one step "
+                f"(boundaries are cumulative fractions x steps, rounded half up: {boundaries})"
+            )
+        # A restarted multistep scheduler may redo its warm-up (PNDM repeats its second timestep).
+        repeats = facts.restart_repeats if index > 0 and end - start >= 2 else 0
+        num_steps = end - start + repeats
+        phases.append(Phase(scale, latent_size(scale, facts), start, end, first_step, num_steps))
+        first_step += num_steps
+    return tuple(phases)
+
+
+def latent_size(scale: float, facts: ModelFacts) -> tuple[int, int]:
+    """The latent size at `scale`; refuses sizes the denoiser cannot take, listing the scales that work."""
+    height, width = facts.latent_hw
+    if scale == 1.0:
+        return facts.latent_hw
+    low = (scale * height, scale * width)
+    multiple = facts.size_multiple
+    if all(abs(side - round(side)) < 1e-9 and round(side) % multiple == 0 and round(side) > 0 for side in low):
+        return (round(low[0]), round(low[1]))
+    raise ConfigError(
+        f"beta={scale} gives a {low[0]:g}x{low[1]:g} latent for the {height}x{width} latent: the denoiser needs "
+        f"sides that are positive multiples of {multiple}; scales that work here: {', '.join(valid_scales(facts)) or 'none'}"
+    )
+
+
+def valid_scales(facts: ModelFacts) -> list[str]:
+    height, width = facts.latent_hw
+    found = []
+    for low_height in range(facts.size_multiple, height, facts.size_multiple):
+        scale = low_height / height
+        low_width = scale * width
+        if abs(low_width - round(low_width)) < 1e-9 and round(low_width) % facts.size_multiple == 0:
+            found.append(f"{scale:g}")
+    return found
+
+
+def _check_cache_branch(config: PostDiffConfig, facts: ModelFacts) -> None:
+    if not config.deepcache:
+        return
+    if facts.max_cache_branch is None and facts.num_blocks is None:
+        raise ConfigError(f"cache_interval={config.cache_interval} needs a denoiser with cacheable blocks; this one has none")
+    limit = facts.max_cache_branch if facts.max_cache_branch is not None else facts.num_blocks - 1
+    if config.cache_branch > limit:
+        raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this denoiser has branches 0..{limit}")
+
+
+def _check_cfg_stop(config: PostDiffConfig, total_steps: int) -> None:
+    if config.cfg_stop is not None and not 1 <= config.cfg_stop <= total_steps - 1:
+        raise ConfigError(
+            f"cfg_stop={config.cfg_stop} is out of range for {total_steps} steps: expected an index in 1..{total_steps - 1} "
+            "(the first step that runs without CFG), or None"
+        )
+
+
+def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: bool) -> Step:
+    phase = phases[phase_index]
+    before_stop = config.cfg_stop is None or index < config.cfg_stop
+    events = []
+    if phase_index > 0 and index == phase.first_step:
+        events.append("switch")
+    if do_cfg and config.cfg_stop == index:
+        events.append("cfg_stop")
+    in_phase = index - phase.first_step
+    reuse_deep = config.deepcache and in_phase % config.cache_interval != 0
+    ca_cached = config.cross_attention_cache and not before_stop
+    return Step(
+        index=index,
+        phase=phase_index,
+        latent_hw=phase.latent_hw,
+        cfg=do_cfg and before_stop,
+        unet="cached" if reuse_deep else "full",
+        cross_attention="cached" if ca_cached else "computed",
+        capture_cross_attention=config.cross_attention_cache and before_stop,
+        events=tuple(events),
+    )
