@@ -128,13 +128,9 @@ class Sampler:
 
     def run_step(self, scheduler, step, t, latents, scale: float, keep_x0: bool):
         state, family, pipe = self.state, self.family, self.pipe
-        if "switch" in step.events:
-            state.reset_deep_cache()
-        if "cfg_stop" in step.events:
-            state.drop_unconditional()
         if pipe.interrupt:
             return latents, None
-        state.step, state.latent_hw = step, step.latent_hw
+        state.enter(step)
         model_input = torch.cat([latents] * 2) if step.cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         noise_pred = family.denoise(model_input, t, step.cfg, scale)

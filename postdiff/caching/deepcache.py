@@ -37,7 +37,7 @@ def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
             down.append(Layer(name, _resnet_and_attention(block, name, layer), skip))
         if getattr(block, "downsamplers", None) is not None:
             skip += 1
-            down.append(Layer(name, (f"{name}.downsamplers",), skip))
+            down.append(Layer(name, _indexed(block.downsamplers, f"{name}.downsamplers"), skip))
     up, consumed = [], skip
     for block_index, block in enumerate(unet.up_blocks):
         name = f"up_blocks.{block_index}"
@@ -45,10 +45,14 @@ def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
             up.append(Layer(name, _resnet_and_attention(block, name, layer), consumed))
             consumed -= 1
         if getattr(block, "upsamplers", None) is not None:
-            up.append(Layer(name, (f"{name}.upsamplers",), None))
+            up.append(Layer(name, _indexed(block.upsamplers, f"{name}.upsamplers"), None))
     if consumed != -1:
         raise NotImplementedError(f"{type(unet).__name__}: up path consumes skips differently from the down path")
     return down, up
+
+
+def _indexed(modules: torch.nn.ModuleList, prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{index}" for index in range(len(modules)))
 
 
 def _resnet_and_attention(block, name: str, layer: int) -> tuple[str, ...]:

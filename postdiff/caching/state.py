@@ -29,6 +29,14 @@ class RunState:
         self.deep.clear()
         self.cross_attention.clear()
 
+    def enter(self, step: Step) -> None:
+        """Apply the events before `step` and make it the current step of every hook."""
+        if "switch" in step.events:
+            self.reset_deep_cache()
+        if "cfg_stop" in step.events:
+            self.drop_unconditional()
+        self.step, self.latent_hw = step, step.latent_hw
+
     def reset_deep_cache(self) -> None:
         """The deep features have the old spatial size after a resolution switch: drop them."""
         self.deep.clear()

@@ -8,13 +8,14 @@ Image conventions shared by every function here (and by the testbed evaluator):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import scipy.linalg
 import torch
 
-# The diagonal offset the reference FID code adds when sqrtm of a near-singular product is not finite.
+# The diagonal offset the reference FID code adds when sqrtm of a (near-)singular product fails.
 SQRTM_EPS = 1e-6
 # Imaginary parts above this (on the diagonal of sqrtm) mean the product was not close to PSD: a real bug.
 MAX_IMAG = 1e-3
@@ -30,6 +31,26 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def _sqrtm_of_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """sqrtm(sigma1 @ sigma2), retried with a tiny ridge on both when the product is singular.
+
+    Singular covariances are common (fewer samples than dimensions, dead ReLU features of degenerate images)
+    and make sqrtm warn or return non-finite values; the ridge shifts the FD by only ~D * SQRTM_EPS.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+        try:
+            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+            if np.isfinite(covmean).all():
+                return covmean
+        except scipy.linalg.LinAlgWarning:
+            pass
+    offset = np.eye(sigma1.shape[0]) * SQRTM_EPS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # checked below through the imaginary part
+        return scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
@@ -37,11 +58,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # A singular product (e.g. fewer samples than dimensions) can make sqrtm blow up; a tiny ridge fixes it.
-        offset = np.eye(sigma1.shape[0]) * SQRTM_EPS
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = _sqrtm_of_product(sigma1, sigma2)
     if np.iscomplexobj(covmean):
         # Rounding gives small imaginary parts to the square root of a PSD product; large ones are an error.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=MAX_IMAG):
@@ -66,7 +83,7 @@ def images_to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         array = array[..., None]
     if array.ndim != 4:
         raise ValueError(f"image arrays must be (N, H, W, C) or (N, H, W), got {array.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)  # a copy: dataset arrays are read-only
     if array.dtype == np.uint8:
         return x.float() / 255.0
     # A negative value means someone passed model-range [-1, 1] data as numpy: refuse rather than mis-scale.

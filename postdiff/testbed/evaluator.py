@@ -56,7 +56,8 @@ class FashionClassifier(nn.Module):
         super().__init__()
         self.config = config or ClassifierConfig()
         c = (1, *self.config.channels)
-        self.body = nn.Sequential(*(nn.Sequential(_conv_block(c[i], c[i + 1]), nn.MaxPool2d(2)) for i in range(len(c) - 1)))
+        stages = (nn.Sequential(_conv_block(c[i], c[i + 1]), nn.MaxPool2d(2)) for i in range(len(c) - 1))
+        self.body = nn.Sequential(*stages)
         side = IMAGE_SIZE // 2 ** len(self.config.channels)
         self.embed = nn.Sequential(
             nn.Flatten(),
@@ -64,7 +65,9 @@ class FashionClassifier(nn.Module):
             nn.BatchNorm1d(self.config.feature_dim),
             nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Dropout(self.config.dropout), nn.Linear(self.config.feature_dim, self.config.num_classes))
+        self.head = nn.Sequential(
+            nn.Dropout(self.config.dropout), nn.Linear(self.config.feature_dim, self.config.num_classes)
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim): the space the Fréchet distance is measured in."""
@@ -81,7 +84,8 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     if isinstance(images, torch.Tensor) and images.is_floating_point() and images.numel() and images.min() >= 0:
         # Fashion-MNIST in [-1, 1] always has -1 background; an all-non-negative tensor is likely [0, 1].
-        warnings.warn("float tensors are read as [-1, 1] images but these are all >= 0; were they [0, 1]?", stacklevel=3)
+        warnings.warn("float tensors are read as [-1, 1] images, but these are all >= 0: were they [0, 1]?",
+                      stacklevel=4)  # the caller of Evaluator.features / predict
     x = images_to_unit(images)
     if x.shape[1] != 1:
         raise ValueError(f"the evaluator takes one-channel images, got {x.shape[1]} channels")
@@ -95,18 +99,19 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 class Evaluator:
     """The trained classifier plus the reference statistics of the test split; everything on no-grad eval."""
 
-    def __init__(self, model: FashionClassifier, mu: np.ndarray, sigma: np.ndarray, info: dict, batch_size: int = 500):
+    def __init__(self, model: FashionClassifier, mu=None, sigma=None, info: dict | None = None, batch_size: int = 500):
         self.model = model.eval()
-        self.mu, self.sigma, self.info, self.batch_size = mu, sigma, info, batch_size
+        self.mu, self.sigma, self.info, self.batch_size = mu, sigma, info or {}, batch_size
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def _batched(self, images, fn) -> torch.Tensor:
         x = to_model_input(images)
-        return torch.cat([fn(x[i : i + self.batch_size].to(self.device)).cpu() for i in range(0, len(x), self.batch_size)])
+        batches = (x[i : i + self.batch_size].to(self.device) for i in range(0, len(x), self.batch_size))
+        with torch.no_grad():
+            return torch.cat([fn(batch).cpu() for batch in batches])
 
     def features(self, images) -> torch.Tensor:
         """(N, D) float32 penultimate features."""
@@ -118,7 +123,7 @@ class Evaluator:
 
     def frechet_distance(self, images_or_features) -> float:
         """FD against the test split's statistics; a 2-D input is read as features (N, D), otherwise images."""
-        is_features = np.ndim(images_or_features) == 2
+        is_features = images_or_features.ndim == 2
         features = images_or_features if is_features else self.features(images_or_features)
         mu, sigma = feature_statistics(features)
         return frechet_distance(mu, sigma, self.mu, self.sigma)
@@ -151,7 +156,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) ->
     n = len(x)
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    dy, dx = (torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator))
+    dy, dx = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator)
     grid = torch.arange(IMAGE_SIZE)
     rows = (grid[None, :] - dy[:, None]) % IMAGE_SIZE
     cols = (grid[None, :] - dx[:, None]) % IMAGE_SIZE
@@ -161,13 +166,13 @@ def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) ->
 @torch.no_grad()
 def _accuracy(model: FashionClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    return correct / len(x)
+    predicted = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return float((predicted == y).double().mean())
 
 
 def train_classifier(
     out_dir: Path | str = WEIGHTS_DIR,
-    epochs: int = 6,
+    epochs: int = 10,
     seed: int = 0,
     batch_size: int = 128,
     lr: float = 2e-3,
@@ -203,10 +208,10 @@ def train_classifier(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "classifier.safetensors")
-    evaluator = Evaluator(model, np.zeros(1), np.zeros((1, 1)), {})
-    mu, sigma = feature_statistics(evaluator.features(x_test))
-    save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}, out_dir / "reference_stats.safetensors")
-    evaluator.mu, evaluator.sigma = mu, sigma
+    evaluator = Evaluator(model)
+    evaluator.mu, evaluator.sigma = feature_statistics(evaluator.features(x_test))
+    reference = {"mu": torch.from_numpy(evaluator.mu), "sigma": torch.from_numpy(evaluator.sigma)}
+    save_file(reference, out_dir / "reference_stats.safetensors")
     # The floor: FD of real (train) images against the test statistics, i.e. what a perfect generator scores.
     floor_order = np.random.default_rng(FLOOR_SEED).permutation(len(x_train))
     floors = {f"fd_floor_n{n}": evaluator.frechet_distance(x_train[floor_order[:n]]) for n in FLOOR_SIZES}
@@ -228,7 +233,7 @@ def train_classifier(
 
 def main(
     out_dir: Path = typer.Option(WEIGHTS_DIR, help="where classifier.safetensors/.json and reference_stats go"),
-    epochs: int = typer.Option(6, min=1),
+    epochs: int = typer.Option(10, min=1),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:

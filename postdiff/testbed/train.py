@@ -125,6 +125,7 @@ class Trainer:
 
     def run(self, checkpoint_every: int) -> None:
         log_path = self.work_dir / "loss.jsonl"
+        self._truncate_log(log_path)
         started = time.time()
         first_step = self.step
         while self.step < self.config.steps:
@@ -135,6 +136,12 @@ class Trainer:
                 self.save_checkpoint()
                 rate = (time.time() - started) / (self.step - first_step)
                 print(f"step {self.step}/{self.config.steps} loss {loss:.4f} {rate:.2f} s/step", flush=True)
+
+    def _truncate_log(self, log_path: Path) -> None:
+        """Drop log lines written after the checkpoint we resumed from, so no step is logged twice."""
+        if log_path.exists():
+            lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log_path.write_text("".join(line + "\n" for line in lines))
 
     def export(self, out_dir: Path) -> None:
         """Write the EMA weights as a diffusers pipeline, with the training record and the loss curve."""

@@ -1,0 +1,112 @@
+"""Compute accounting from the step plan: every step of the plan is executed on a meta-device copy of the
+denoiser, with the same cache hooks the sampler installs, under `torch.utils.flop_counter.FlopCounterMode`.
+Meta tensors carry shapes only, so full-size models are counted instantly and without weights, and what
+is counted is exactly what the hooks let run.
+
+Conventions:
+- "macs": the paper's (calflops-style) multiply-accumulates of the denoiser: convolutions and linear
+  layers, at the batch the step runs at (2 x images under CFG); attention score and value products
+  (Q K^T and A V) are not counted.
+- "flops": floating-point operations of every matrix product and convolution, attention included
+  (2 per multiply-accumulate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+from torch.utils.flop_counter import FlopCounterMode
+
+from .caching import cross_attention, deepcache
+from .caching.state import RunState
+from .config import PostDiffConfig
+from .plan import Step, StepPlan
+
+CONVENTIONS = ("macs", "flops")
+ATTENTION_PRODUCTS = ("bmm", "baddbmm")  # the classic attention processor's score and value products
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """What the counter needs: the U-Net config and the text length its cross-attention sees."""
+
+    unet_config: dict
+    text_length: int = 77
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet_config.get("addition_embed_type") == "text_time"
+
+
+def meta_unet(spec: DenoiserSpec):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(spec.unet_config)
+    # The classic processor computes attention with bmm/baddbmm, which the counter sees and can separate.
+    unet.set_attn_processor(AttnProcessor())
+    return unet
+
+
+def denoiser_inputs(spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+    config = spec.unet_config
+    inputs = {
+        "sample": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
+        "timestep": torch.tensor(500, device="meta"),
+        "encoder_hidden_states": torch.empty(batch, spec.text_length, config["cross_attention_dim"], device="meta"),
+    }
+    if spec.is_sdxl:
+        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(batch, text_dim, device="meta"),
+            "time_ids": torch.empty(batch, 6, device="meta"),
+        }
+    return inputs
+
+
+@dataclass(frozen=True)
+class StepCost:
+    step: Step
+    macs: float  # without attention products
+    attention_macs: float
+
+    def value(self, convention: str) -> float:
+        return self.macs if convention == "macs" else 2 * (self.macs + self.attention_macs)
+
+
+def _count(unet, inputs: dict) -> tuple[float, float]:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(**inputs, return_dict=False)
+    by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    attention = sum(by_op.get(name, 0) for name in ATTENTION_PRODUCTS)
+    return (counter.get_total_flops() - attention) / 2, attention / 2
+
+
+def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[StepCost]:
+    """Cost of every step of `plan`, counted by running it on the meta device with PostDiff's hooks."""
+    unet = meta_unet(spec)
+    config: PostDiffConfig = plan.config
+    state = RunState()
+    if config.deepcache:
+        deepcache.apply_deepcache(unet, config.cache_branch, state)
+    if config.cross_attention_cache:
+        cross_attention.apply_cross_attention_cache(unet, config.ca_mode, state)
+    state.begin(num_images, guidance_scale=2.0)
+    costs, counted = [], {}
+    with torch.no_grad():
+        for step in plan.steps:
+            state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in the sampler
+            kind = (step.latent_hw, step.cfg, step.unet, step.cross_attention)
+            if kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
+                batch = num_images * (2 if step.cfg else 1)
+                counted[kind] = _count(unet, denoiser_inputs(spec, batch, step.latent_hw))
+            costs.append(StepCost(step, *counted[kind]))
+    state.reset()
+    return costs
+
+
+def total(costs: list[StepCost], convention: str = "macs") -> float:
+    return sum(cost.value(convention) for cost in costs)
