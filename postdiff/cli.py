@@ -1,0 +1,132 @@
+"""The `postdiff` command line. Config flags are the same for every subcommand: `--preset NAME` or the
+fields of PostDiffConfig (`--beta`, `--switch`, `--cache-interval`, `--cache-branch`, `--cfg-stop`,
+`--ca-mode`); explicit flags override the preset."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .config import PRESETS, ConfigError, PostDiffConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+CONFIG_FLAGS = {
+    "preset": (Optional[str], typer.Option(None, help=f"one of {', '.join(PRESETS)}; flags below override it")),
+    "beta": (Optional[float], typer.Option(None, help="low-resolution scale, 0 < beta <= 1")),
+    "switch": (Optional[float], typer.Option(None, help="fraction of steps at low resolution (0 = off)")),
+    "cache_interval": (Optional[int], typer.Option(None, help="DeepCache k (1 = off)")),
+    "cache_branch": (Optional[int], typer.Option(None, help="DeepCache skip branch (0 = shallowest)")),
+    "cfg_stop": (Optional[int], typer.Option(None, help="first step without CFG; cross-attention cached from there")),
+    "ca_mode": (Optional[str], typer.Option(None, help="cross-attention cache: cond, ave, cfg or none")),
+}
+
+
+def build_config(family: str, preset: str | None = None, **flags) -> PostDiffConfig:
+    base = PostDiffConfig.preset(preset or "off", family=family)
+    return base.with_changes(**{name: value for name, value in flags.items() if value is not None})
+
+
+def with_config_flags(function):
+    """Add the config flags to a command; the command receives `config_flags` (a dict) instead."""
+    signature = inspect.signature(function)
+    parameters = [p for p in signature.parameters.values() if p.name != "config_flags"]
+    for name, (annotation, default) in CONFIG_FLAGS.items():
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+
+    @functools.wraps(function)
+    def command(**kwargs):
+        flags = {name: kwargs.pop(name) for name in CONFIG_FLAGS}
+        try:
+            return function(config_flags=flags, **kwargs)
+        except (ConfigError, ValueError) as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2)
+
+    command.__signature__ = signature.replace(parameters=parameters)
+    return command
+
+
+@app.command()
+@with_config_flags
+def plan(
+    config_flags: dict,
+    steps: int = typer.Option(20, help="num_inference_steps"),
+    model: str = typer.Option("sd15-512", help="a shipped model name, testbed, or a local diffusers folder"),
+    no_cfg: bool = typer.Option(False, help="plan for guidance_scale <= 1"),
+):
+    """Print the step plan: per step the latent size, CFG, U-Net full or cached, cross-attention, events."""
+    from .models import load_model_spec
+    from .plan import make_plan
+
+    spec = load_model_spec(model)
+    config = build_config(spec.family, **config_flags)
+    num_timesteps = steps + spec.facts().restart_repeats  # PLMS evaluates one timestep twice
+    console.print(make_plan(config, num_timesteps, spec.facts(), do_cfg=not no_cfg).describe(), highlight=False)
+
+
+@app.command()
+@with_config_flags
+def flops(
+    config_flags: dict,
+    model: str = typer.Option("sd15-512", help="a shipped model name, testbed, or a local diffusers folder"),
+    steps: int = typer.Option(20, help="num_inference_steps"),
+    convention: str = typer.Option("macs", help="macs (paper, attention products excluded) or flops (everything)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
+):
+    """Per-step compute of the denoiser from the same plan the sampler runs (units of 10^12)."""
+    from .accounting import CONVENTIONS, plan_costs, total
+    from .models import load_model_spec
+    from .plan import make_plan
+
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"convention={convention!r} is not allowed: expected one of {', '.join(CONVENTIONS)}")
+    spec = load_model_spec(model)
+    config = build_config(spec.family, **config_flags)
+    facts = spec.facts()
+    costs = plan_costs(spec.denoiser, make_plan(config, steps + facts.restart_repeats, facts))
+    per_step = [cost.value(convention) / 1e12 for cost in costs]
+    if as_json:
+        print(json.dumps({"model": model, "config": config.to_dict(), "steps": steps, "convention": convention,
+                          "per_step": per_step, "total": sum(per_step)}))
+        return
+    table = Table(title=f"{model}: {config.describe()} ({convention}, 10^12)")
+    for column in ("step", "latent", "cfg", "unet", "cross-attn", convention):
+        table.add_column(column, justify="right")
+    for cost, value in zip(costs, per_step):
+        s = cost.step
+        table.add_row(str(s.index), f"{s.latent_hw[0]}x{s.latent_hw[1]}", "on" if s.cfg else "off", s.unet, s.cross_attention, f"{value:.4f}")
+    table.add_row("total", "", "", "", "", f"{total(costs, convention) / 1e12:.3f}")
+    console.print(table)
+
+
+@app.command()
+@with_config_flags
+def generate(
+    config_flags: dict,
+    prompt: str = typer.Argument(..., help='e.g. "a photo of a sneaker"'),
+    num_images: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out"), help="folder for the PNGs and grids"),
+    steps: int = typer.Option(20, help="num_inference_steps"),
+    model: Optional[str] = typer.Option(None, help="local folder or hub id; default: the embedded testbed model"),
+    guidance_scale: Optional[float] = typer.Option(None, help="default: the model's documented value"),
+    negative_prompt: str = typer.Option(""),
+):
+    """Generate with PostDiff and with the baseline ("off"), same seed; print wall time and MACs of both."""
+    from .generate import run_generate
+
+    run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console)
+
+
+if __name__ == "__main__":
+    app()

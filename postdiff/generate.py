@@ -1,0 +1,88 @@
+"""The main job: PostDiff against the baseline on one prompt, images saved, savings printed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.table import Table
+
+from . import api
+from .accounting import plan_costs, total
+from .config import PostDiffConfig
+from .models import spec_from_pipeline
+
+TESTBED_GUIDANCE = 3.0  # chosen on the evaluator (README, "Embedded model")
+
+
+def load_pipeline(model: str | None):
+    if model is None:
+        from .testbed.model import load_pipeline as load_testbed
+
+        return load_testbed(), TESTBED_GUIDANCE
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model), 7.5
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or min(len(images), 8)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def timed_run(pipe, config: PostDiffConfig, arguments: dict, seed: int):
+    api.apply(pipe, config)
+    plan = api.plan_call(pipe, **arguments)
+    started = time.perf_counter()
+    images = pipe(**arguments, generator=torch.Generator().manual_seed(seed)).images
+    seconds = time.perf_counter() - started
+    macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+    api.remove(pipe)
+    return images, seconds, macs
+
+
+def save(images: list[Image.Image], folder: Path, stem: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"{stem}_{index:03d}.png")
+    image_grid(images).save(folder / f"{stem}_grid.png")
+
+
+def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model, guidance_scale, negative_prompt, console):
+    from .cli import build_config
+
+    pipe, default_guidance = load_pipeline(model)
+    config = build_config(api.family_name(pipe), **config_flags) if any(v is not None for v in config_flags.values()) \
+        else PostDiffConfig.preset("paper", family=api.family_name(pipe))
+    arguments = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images,
+                     num_inference_steps=steps, guidance_scale=guidance_scale or default_guidance)
+    api.apply(pipe, config)
+    api.plan_call(pipe, **arguments)  # refuses a bad config before anything runs
+    api.remove(pipe)
+    runs = {"baseline (off)": PostDiffConfig(), f"postdiff ({config.describe()})": config}
+    results = {}
+    for label, run_config in runs.items():
+        images, seconds, macs = timed_run(pipe, run_config, arguments, seed)
+        save(images, out, "postdiff" if run_config is config else "baseline")
+        results[label] = (seconds, macs)
+    _print_summary(console, results, out, num_images)
+
+
+def _print_summary(console, results: dict, out: Path, num_images: int) -> None:
+    (base_seconds, base_macs) = next(iter(results.values()))
+    table = Table(title=f"{num_images} images, saved in {out}/")
+    for column in ("run", "wall s", "MACs/image (10^9)", "MACs vs baseline", "time vs baseline"):
+        table.add_column(column, justify="right")
+    for label, (seconds, macs) in results.items():
+        table.add_row(label, f"{seconds:.2f}", f"{macs / 1e9:.2f}", f"{macs / base_macs:.1%}", f"{seconds / base_seconds:.1%}")
+    console.print(table)
+    (seconds, macs) = list(results.values())[-1]
+    console.print(f"PostDiff saved {1 - macs / base_macs:.1%} of the denoiser MACs and {1 - seconds / base_seconds:.1%} of the wall time.")

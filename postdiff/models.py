@@ -1,0 +1,73 @@
+"""Named models for planning and accounting: full-size architectures from their public configs (shipped
+as JSON, counted on the meta device, no weights), the embedded testbed, or any local diffusers folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accounting import DenoiserSpec, meta_unet
+from .caching.deepcache import max_branch
+from .families.sd import unet_size_multiple
+from .plan import ModelFacts
+
+CONFIG_DIR = Path(__file__).parent / "accounting_configs"
+RESTART_REPEATS = {"PNDMScheduler": 1}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    denoiser: DenoiserSpec
+    latent_hw: tuple[int, int]
+    scheduler: str
+
+    def facts(self) -> ModelFacts:
+        unet = meta_unet(self.denoiser)
+        return ModelFacts(self.latent_hw, unet_size_multiple(unet), max_branch(unet), RESTART_REPEATS.get(self.scheduler, 0))
+
+
+def named_models() -> list[str]:
+    return ["testbed"] + sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_model_spec(name: str) -> ModelSpec:
+    """`name` is a shipped config ("sd15-512", ...), "testbed", or a local diffusers pipeline folder."""
+    if name == "testbed":
+        from .testbed.model import WEIGHTS_DIR
+
+        return _spec_from_folder(WEIGHTS_DIR, "testbed", family="testbed")
+    shipped = CONFIG_DIR / f"{name}.json"
+    if shipped.exists():
+        data = json.loads(shipped.read_text())
+        side = data["resolution"] // data["vae_scale_factor"]
+        return ModelSpec(name, data["family"], DenoiserSpec(data["unet"], data["text_length"]), (side, side), data["scheduler"])
+    if Path(name, "unet", "config.json").exists():
+        return _spec_from_folder(Path(name), name)
+    raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder with unet/config.json")
+
+
+def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> ModelSpec:
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text())
+    tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
+    text_length = json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
+    vae_factor = 1
+    if (folder / "vae" / "config.json").exists():
+        vae_factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    sample = unet_config["sample_size"]
+    side = sample if isinstance(sample, int) else sample[0]
+    family = family or ("sdxl" if "XL" in index.get("_class_name", "") else "sd")
+    scheduler = index.get("scheduler", [None, "DDIMScheduler"])[1]
+    return ModelSpec(name, family, DenoiserSpec(unet_config, min(text_length, 77)), (side, side), scheduler)
+
+
+def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
+    from .api import family_name
+
+    unet = pipe.unet
+    side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    text_length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
+    return ModelSpec(name, family_name(pipe), DenoiserSpec(dict(unet.config), min(text_length, 77)), (side, side), type(pipe.scheduler).__name__)
