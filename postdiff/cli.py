@@ -71,7 +71,7 @@ def plan(
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
     num_timesteps = steps + spec.facts().restart_repeats  # PLMS evaluates one timestep twice
-    console.print(make_plan(config, num_timesteps, spec.facts(), do_cfg=not no_cfg).describe(), highlight=False)
+    print(make_plan(config, num_timesteps, spec.facts(), do_cfg=not no_cfg).describe())
 
 
 @app.command()

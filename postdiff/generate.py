@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,13 +20,19 @@ TESTBED_GUIDANCE = 3.0  # chosen on the evaluator (README, "Embedded model")
 
 
 def load_pipeline(model: str | None):
-    if model is None:
-        from .testbed.model import load_pipeline as load_testbed
+    """The embedded model (default or a folder saved by its training), or any diffusers pipeline."""
+    from .testbed.model import load_pipeline as load_testbed
 
-        return load_testbed(), TESTBED_GUIDANCE
+    if model is None or _is_testbed_folder(model):
+        return load_testbed(model), TESTBED_GUIDANCE
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model), 7.5
+
+
+def _is_testbed_folder(model: str) -> bool:
+    index = Path(model) / "model_index.json"
+    return index.exists() and json.loads(index.read_text()).get("_class_name") == "TestbedPipeline"
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
@@ -67,12 +74,13 @@ def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model
     api.apply(pipe, config)
     api.plan_call(pipe, **arguments)  # refuses a bad config before anything runs
     api.remove(pipe)
-    runs = {"baseline (off)": PostDiffConfig(), f"postdiff ({config.describe()})": config}
+    runs = {"baseline": PostDiffConfig(), "postdiff": config}
     results = {}
     for label, run_config in runs.items():
         images, seconds, macs = timed_run(pipe, run_config, arguments, seed)
         save(images, out, "postdiff" if run_config is config else "baseline")
         results[label] = (seconds, macs)
+    console.print(f"postdiff config: {config.describe()}; {steps} steps, guidance {arguments['guidance_scale']}")
     _print_summary(console, results, out, num_images)
 
 
