@@ -130,3 +130,30 @@ def generate(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+@with_config_flags
+def evaluate(
+    config_flags: dict,
+    per_class: int = typer.Option(100, min=2, help="images per class (10 classes)"),
+    steps: int = typer.Option(20),
+    guidance_scale: float = typer.Option(3.0),
+    seed: int = typer.Option(0),
+    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """FD and prompt alignment of the embedded model under a config, with its MACs and wall time."""
+    from .evaluation.quality import evaluate_config
+    from .testbed.evaluator import load_evaluator
+    from .testbed.model import load_pipeline
+
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    config = build_config("testbed", **config_flags)
+    result = evaluate_config(pipe, load_evaluator(), config, per_class, steps, guidance_scale, seed)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    console.print(f"{result.config}: FD {result.fd:.3f}, alignment {result.alignment:.3f}, "
+                  f"{result.macs / 1e9:.3f} GMACs/image, {result.seconds:.1f} s for {10 * per_class} images")

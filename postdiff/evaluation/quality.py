@@ -1,0 +1,58 @@
+"""Quality against compute on the embedded model: images per class with a config, scored by the evaluator."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .. import api
+from ..accounting import plan_costs, total
+from ..config import PostDiffConfig
+from ..models import spec_from_pipeline
+from ..testbed.data import CLASS_NAMES
+from ..testbed.text import canonical_prompt
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    config: str
+    steps: int
+    per_class: int
+    fd: float
+    alignment: float
+    macs: float  # denoiser MACs per image, units of 1
+    seconds: float  # wall time of the generation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate_per_class(pipe, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
+                       classes: range | list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` images of "a photo of a NAME" for each class, one call per class seeded `seed + class`."""
+    classes = list(classes if classes is not None else range(len(CLASS_NAMES)))
+    images, labels = [], []
+    for label in classes:
+        output = pipe(canonical_prompt(label), negative_prompt="", num_images_per_prompt=per_class, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, output_type="np", generator=torch.Generator().manual_seed(seed + label))
+        images.append(output.images)
+        labels.extend([label] * per_class)
+    return np.concatenate(images), np.asarray(labels)
+
+
+def evaluate_config(pipe, evaluator, config: PostDiffConfig, per_class: int = 100, steps: int = 20,
+                    guidance_scale: float = 3.0, seed: int = 0) -> QualityResult:
+    api.apply(pipe, config)
+    try:
+        plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=steps, guidance_scale=guidance_scale)
+        macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+        started = time.perf_counter()
+        images, labels = generate_per_class(pipe, per_class, steps, guidance_scale, seed)
+        seconds = time.perf_counter() - started
+    finally:
+        api.remove(pipe)
+    return QualityResult(config.describe(), steps, per_class, evaluator.frechet_distance(images),
+                         evaluator.alignment(images, labels), macs, seconds)
