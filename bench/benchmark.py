@@ -1,0 +1,170 @@
+"""Wall-clock and peak-memory benchmark: plain diffusers against postdiff "off", each technique and the presets.
+
+    python bench/benchmark.py --workload testbed --repeats 3 --out bench/results
+    python bench/benchmark.py --workload sd15-256 --repeats 1 --device cuda
+
+Every (workload, configuration) runs in its own process, so peak memory (max RSS on CPU, max allocated on
+CUDA) is that configuration's alone. Each run does a warm-up call and `repeats` timed calls (median).
+Speedups and MACs ratios are against the plain diffusers pipeline measured in the same invocation.
+Workloads: the embedded model (32 px, 8 images), and an SD 1.5-size U-Net with random weights (real SD
+text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps with CFG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "diffusers": None,  # the plain pipeline, no postdiff
+    "off": dict(),
+    "mixed": dict(beta=0.5, switch=0.5),
+    "deepcache": dict(cache_interval=2),
+    "ca-m5": dict(cfg_stop=5, ca_mode="cond"),
+    "paper": "paper",
+    "paper+ca-m5": dict(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=5),
+}
+WORKLOADS = ("testbed", "sd15-512", "sd15-256")
+
+
+def build_pipeline(workload: str, device: str):
+    import torch
+
+    if workload == "testbed":
+        from postdiff.testbed.model import load_pipeline
+
+        pipe = load_pipeline()
+        arguments = dict(prompt="a photo of a sneaker", num_images_per_prompt=8, guidance_scale=3.0)
+    else:
+        pipe = _random_sd15(Path(os.environ.get("TMPDIR", "/tmp")) / "postdiff-bench-tokenizer")
+        size = 512 if workload == "sd15-512" else 256
+        arguments = dict(prompt="a photo of an astronaut riding a horse", height=size, width=size, guidance_scale=7.5)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), dict(arguments, num_inference_steps=20, output_type="np")
+
+
+def _random_sd15(tokenizer_dir: Path):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from postdiff.models import load_model_spec
+    from postdiff.testbed.text import write_tokenizer_files
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tokenizer_dir, max_length=77))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+    unet = UNet2DConditionModel(**load_model_spec("sd15-512").denoiser.unet_config)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
+    """One configuration in this process: warm-up, timed calls, peak memory, MACs of its plan."""
+    import torch
+
+    import postdiff
+    from postdiff.accounting import plan_costs, total
+    from postdiff.models import spec_from_pipeline
+
+    pipe, arguments = build_pipeline(workload, device)
+    family = postdiff.api.family_name(pipe)
+    spec = spec_from_pipeline(pipe)
+    config = _config(config_name, family)
+    planned = postdiff.apply(pipe, config or postdiff.PostDiffConfig())
+    macs = total(plan_costs(spec.denoiser, postdiff.plan_call(planned, **arguments)))
+    postdiff.remove(pipe)
+    if config is not None:
+        postdiff.apply(pipe, config)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = []
+    for index in range(repeats + 1):
+        _sync(device)
+        started = time.perf_counter()
+        pipe(**arguments, generator=torch.Generator(device="cpu").manual_seed(0))
+        _sync(device)
+        if index > 0:  # the first call is a warm-up
+            seconds.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"workload": workload, "config": config_name, "describe": config.describe() if config else "plain diffusers",
+            "seconds": statistics.median(seconds), "all_seconds": seconds, "peak_bytes": peak,
+            "rss_before_calls_bytes": baseline_rss * 1024, "macs": macs}
+
+
+def _config(name: str, family: str):
+    from postdiff import PostDiffConfig
+
+    value = CONFIGS[name]
+    if value is None:
+        return None
+    return PostDiffConfig.preset(value, family=family) if isinstance(value, str) else PostDiffConfig(**value)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_all(workloads: list[str], configs: list[str], repeats: int, device: str, out: Path) -> list[dict]:
+    rows = []
+    for workload in workloads:
+        for config_name in configs:
+            command = [sys.executable, __file__, "--worker", workload, config_name, "--repeats", str(repeats), "--device", device]
+            result = subprocess.run(command, check=True, capture_output=True, text=True)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"{workload:>9} {config_name:>12}: {rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(rows, indent=1))
+    (out / "benchmark.md").write_text(markdown(rows, device))
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [f"device: {device}", "", "| workload | config | median s | speedup | MACs ratio | speedup / MACs ratio | peak memory vs diffusers |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = next(r for r in rows if r["workload"] == row["workload"] and r["config"] == "diffusers")
+        speedup = base["seconds"] / row["seconds"]
+        macs_ratio = base["macs"] / row["macs"]
+        lines.append(f"| {row['workload']} | {row['config']} ({row['describe']}) | {row['seconds']:.2f} | {speedup:.2f}x | "
+                     f"{macs_ratio:.2f}x | {speedup / macs_ratio:.2f} | {row['peak_bytes'] / base['peak_bytes'] - 1:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", action="append", choices=WORKLOADS, help="repeatable; default: testbed")
+    parser.add_argument("--config", action="append", choices=list(CONFIGS), help="repeatable; default: all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats, args.device)))
+        return
+    configs = args.config or list(CONFIGS)
+    if "diffusers" not in configs:
+        configs.insert(0, "diffusers")
+    run_all(args.workload or ["testbed"], configs, args.repeats, args.device, args.out)
+    print((args.out / "benchmark.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
