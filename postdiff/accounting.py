@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .caching import cross_attention, deepcache
+from .caching import install_unet_caches
 from .caching.state import RunState
 from .config import PostDiffConfig
 from .plan import Step, StepPlan
@@ -30,40 +30,60 @@ ATTENTION_PRODUCTS = ("bmm", "baddbmm")  # the classic attention processor's sco
 
 @dataclass(frozen=True)
 class DenoiserSpec:
-    """What the counter needs: the U-Net config and the text length its cross-attention sees."""
+    """What the counter needs: the denoiser's kind and config, and the text length its cross-attention sees."""
 
-    unet_config: dict
+    config: dict
     text_length: int = 77
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.unet_config.get("addition_embed_type") == "text_time"
+    kind: str = "unet"  # key of DENOISER_KINDS
 
 
-def meta_unet(spec: DenoiserSpec):
-    from diffusers import UNet2DConditionModel
+class DenoiserKind:
+    """How to build a denoiser of one kind on the meta device, feed it, and install PostDiff's caches on it."""
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(spec.unet_config)
-    # The classic processor computes attention with bmm/baddbmm, which the counter sees and can separate.
-    unet.set_attn_processor(AttnProcessor())
-    return unet
+    def build(self, config: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        raise NotImplementedError
+
+    def install_caches(self, model: torch.nn.Module, config: PostDiffConfig, state: RunState) -> None:
+        raise NotImplementedError
 
 
-def denoiser_inputs(spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
-    config = spec.unet_config
-    inputs = {
-        "sample": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
-        "timestep": torch.tensor(500, device="meta"),
-        "encoder_hidden_states": torch.empty(batch, spec.text_length, config["cross_attention_dim"], device="meta"),
-    }
-    if spec.is_sdxl:
-        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(batch, text_dim, device="meta"),
-            "time_ids": torch.empty(batch, 6, device="meta"),
+class UNetKind(DenoiserKind):
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        inputs = {
+            "sample": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
+            "timestep": torch.tensor(500, device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, config["cross_attention_dim"], device="meta"),
         }
-    return inputs
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and time ids
+            text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(batch, text_dim, device="meta"),
+                "time_ids": torch.empty(batch, 6, device="meta"),
+            }
+        return inputs
+
+    def install_caches(self, model, config, state) -> None:
+        install_unet_caches(model, config, state)
+
+
+DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind()}
+
+
+def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
+    model = DENOISER_KINDS[spec.kind].build(spec.config)
+    # The classic processor computes attention with bmm/baddbmm, which the counter sees and can separate.
+    model.set_attn_processor(AttnProcessor())
+    return model
 
 
 @dataclass(frozen=True)
@@ -76,10 +96,10 @@ class StepCost:
         return self.macs if convention == "macs" else 2 * (self.macs + self.attention_macs)
 
 
-def _count(unet, inputs: dict) -> tuple[float, float]:
+def _count(model, inputs: dict) -> tuple[float, float]:
     counter = FlopCounterMode(display=False)
     with counter:
-        unet(**inputs, return_dict=False)
+        model(**inputs, return_dict=False)
     by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
     attention = sum(by_op.get(name, 0) for name in ATTENTION_PRODUCTS)
     return (counter.get_total_flops() - attention) / 2, attention / 2
@@ -87,23 +107,20 @@ def _count(unet, inputs: dict) -> tuple[float, float]:
 
 def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[StepCost]:
     """Cost of every step of `plan`, counted by running it on the meta device with PostDiff's hooks."""
-    unet = meta_unet(spec)
-    config: PostDiffConfig = plan.config
+    kind = DENOISER_KINDS[spec.kind]
+    model = meta_denoiser(spec)
     state = RunState()
-    if config.deepcache:
-        deepcache.apply_deepcache(unet, config.cache_branch, state)
-    if config.cross_attention_cache:
-        cross_attention.apply_cross_attention_cache(unet, config.ca_mode, state)
+    kind.install_caches(model, plan.config, state)
     state.begin(num_images, guidance_scale=2.0)
     costs, counted = [], {}
     with torch.no_grad():
         for step in plan.steps:
             state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in the sampler
-            kind = (step.latent_hw, step.cfg, step.unet, step.cross_attention)
-            if kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
+            step_kind = (step.latent_hw, step.cfg, step.unet, step.cross_attention)
+            if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
-                counted[kind] = _count(unet, denoiser_inputs(spec, batch, step.latent_hw))
-            costs.append(StepCost(step, *counted[kind]))
+                counted[step_kind] = _count(model, kind.inputs(spec, batch, step.latent_hw))
+            costs.append(StepCost(step, *counted[step_kind]))
     state.reset()
     return costs
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .caching import cross_attention, deepcache
+from .caching import remove_caches
 from .caching.state import RunState
 from .config import ConfigError, PostDiffConfig
 from .families import family_for
@@ -53,14 +53,12 @@ def apply(pipe, config: PostDiffConfig | None = None):
     family = family_for(pipe)
     check_scheduler(pipe.scheduler, config)
     patch = Patch(config, family, type(pipe))
-    denoiser = pipe.unet
-    if config.deepcache:
-        limit = deepcache.max_branch(denoiser)
-        if config.cache_branch > limit:
-            raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this U-Net has branches 0..{limit}")
-        deepcache.apply_deepcache(denoiser, config.cache_branch, patch.state)
-    if config.cross_attention_cache:
-        cross_attention.apply_cross_attention_cache(denoiser, config.ca_mode, patch.state)
+    denoiser = getattr(pipe, family.denoiser_attribute)
+    try:
+        family.install_caches(denoiser, config, patch.state)
+    except ConfigError:
+        remove_caches(denoiser)  # nothing half-installed stays behind
+        raise
     pipe._postdiff = patch
     pipe.__class__ = _patched_class(type(pipe))
     return pipe
@@ -71,8 +69,7 @@ def remove(pipe):
     patch = pipe.__dict__.get("_postdiff")
     if patch is None:
         return pipe
-    for hook_name in (deepcache.HOOK_NAME, cross_attention.HOOK_NAME):
-        deepcache.remove_hooks(pipe.unet, hook_name)
+    remove_caches(getattr(pipe, patch.family.denoiser_attribute))
     pipe.__class__ = patch.original_class
     del pipe.__dict__["_postdiff"]
     return pipe

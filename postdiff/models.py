@@ -7,13 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounting import DenoiserSpec, meta_unet
+from .accounting import DenoiserSpec, meta_denoiser
 from .caching.deepcache import max_branch
 from .families.sd import unet_size_multiple
 from .plan import ModelFacts
 
 CONFIG_DIR = Path(__file__).parent / "accounting_configs"
 RESTART_REPEATS = {"PNDMScheduler": 1}
+FACTS_OF_KIND: dict = {}  # denoiser kind -> (meta model, latent_hw, restart_repeats) -> ModelFacts
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,11 @@ class ModelSpec:
     scheduler: str
 
     def facts(self) -> ModelFacts:
-        unet = meta_unet(self.denoiser)
-        return ModelFacts(self.latent_hw, unet_size_multiple(unet), max_branch(unet), RESTART_REPEATS.get(self.scheduler, 0))
+        model = meta_denoiser(self.denoiser)
+        repeats = RESTART_REPEATS.get(self.scheduler, 0)
+        if self.denoiser.kind != "unet":
+            return FACTS_OF_KIND[self.denoiser.kind](model, self.latent_hw, repeats)
+        return ModelFacts(self.latent_hw, unet_size_multiple(model), max_branch(model), repeats)
 
 
 def named_models() -> list[str]:
@@ -43,7 +47,8 @@ def load_model_spec(name: str) -> ModelSpec:
     if shipped.exists():
         data = json.loads(shipped.read_text())
         side = data["resolution"] // data["vae_scale_factor"]
-        return ModelSpec(name, data["family"], DenoiserSpec(data["unet"], data["text_length"]), (side, side), data["scheduler"])
+        denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"))
+        return ModelSpec(name, data["family"], denoiser, (side, side), data["scheduler"])
     if Path(name, "unet", "config.json").exists():
         return _spec_from_folder(Path(name), name)
     raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder with unet/config.json")
@@ -67,7 +72,12 @@ def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> Mod
 def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
     from .api import family_name
 
-    unet = pipe.unet
-    side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    text_length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
-    return ModelSpec(name, family_name(pipe), DenoiserSpec(dict(unet.config), min(text_length, 77)), (side, side), type(pipe.scheduler).__name__)
+    from .families import family_for
+
+    family = family_for(pipe)
+    denoiser = getattr(pipe, family.denoiser_attribute)
+    sample = denoiser.config.sample_size
+    side = sample if isinstance(sample, int) else sample[0]
+    text_length = min(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77), family.max_text_length)
+    spec = DenoiserSpec(dict(denoiser.config), text_length, family.denoiser_kind)
+    return ModelSpec(name, family.name, spec, (side, side), type(pipe.scheduler).__name__)

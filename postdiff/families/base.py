@@ -38,6 +38,16 @@ class Family:
     name = "base"
     pipeline_names: tuple[str, ...] = ()
     unsupported_arguments: tuple[str, ...] = ()  # arguments PostDiff refuses when they are not None
+    denoiser_attribute = "unet"  # the pipeline component that denoises
+    denoiser_kind = "unet"  # accounting.DENOISER_KINDS key
+    max_text_length = 77  # prompt tokens the denoiser sees (CLIP: 77; T5-based families: more)
+
+    @classmethod
+    def install_caches(cls, denoiser, config, state) -> None:
+        """Install the hooks the config needs on the denoiser (called by `postdiff.apply`)."""
+        from ..caching import install_unet_caches
+
+        install_unet_caches(denoiser, config, state)
 
     def __init__(self, pipe, arguments: dict):
         self.pipe = pipe
