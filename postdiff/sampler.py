@@ -102,10 +102,10 @@ class Sampler:
         state.begin(family.num_images, float(self.family.args["guidance_scale"]))
         try:
             latents = family.initial_latents(plan.phases[0].latent_hw)
-            self.extra_step_kwargs = self.pipe.prepare_extra_step_kwargs(family.args["generator"], family.args["eta"])
+            self.extra_step_kwargs = self.pipe.prepare_extra_step_kwargs(family.args["generator"], family.eta)
             with self.pipe.progress_bar(total=len(plan)) as progress:
                 latents = self.run_phases(plan, latents, progress)
-            return family.decode(latents)
+            return family.decode(family.final_sample(latents))
         finally:
             state.reset()
 
@@ -128,7 +128,7 @@ class Sampler:
 
     def run_step(self, scheduler, step, t, latents, scale: float, keep_x0: bool):
         state, family, pipe = self.state, self.family, self.pipe
-        if pipe.interrupt:
+        if getattr(pipe, "_interrupt", False):
             return latents, None
         state.enter(step)
         model_input = torch.cat([latents] * 2) if step.cfg else latents
@@ -140,8 +140,14 @@ class Sampler:
             noise_pred = noise_uncond + pipe.guidance_scale * (noise_text - noise_uncond)
             if pipe.guidance_rescale > 0.0:
                 noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=pipe.guidance_rescale)
-        x0 = predict_x0(scheduler, latents, noise_pred, t) if keep_x0 else None
-        latents = scheduler.step(noise_pred, t, latents, **self.extra_step_kwargs, return_dict=False)[0]
+        sample = latents
+        output = scheduler.step(noise_pred, t, latents, **self.extra_step_kwargs, return_dict=False)
+        latents = output[0]
+        # Consistency models: x0 is the scheduler's `denoised`, not a function of the model output alone.
+        family.denoised = output[1] if type(scheduler).__name__ == "LCMScheduler" else None
+        x0 = None
+        if keep_x0:
+            x0 = family.denoised if family.denoised is not None else predict_x0(scheduler, sample, noise_pred, t)
         latents = self.step_callback(step.index, t, latents)
         return latents, x0
 

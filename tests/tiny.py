@@ -108,3 +108,18 @@ def call(pipe, seed: int = 0, **overrides):
                      height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(seed))
     arguments.update(overrides)
     return pipe(**arguments).images
+
+
+def lcm_pipeline(folder: Path, seed: int = 0):
+    """A `LatentConsistencyModelPipeline`: guidance-distilled U-Net (time_cond_proj_dim) with LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    torch.manual_seed(seed)
+    tok = tokenizer(folder / "tokenizer")
+    pipe = LatentConsistencyModelPipeline(
+        vae=vae(), text_encoder=text_encoder(len(tok)), tokenizer=tok, unet=sd_unet(time_cond_proj_dim=32),
+        scheduler=LCMScheduler.from_config(SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -53,6 +53,15 @@ class Family:
         self.pipe = pipe
         self.args = arguments
         self.device = pipe._execution_device
+        self.denoised = None  # the scheduler's x0 of the last step, where it gives one (LCM)
+
+    @property
+    def eta(self):
+        return self.args.get("eta")
+
+    def final_sample(self, latents: torch.Tensor) -> torch.Tensor:
+        """What is decoded after the last step: the latents (LCM pipelines decode `denoised`)."""
+        return latents
 
     # -- before any compute
     def check(self) -> None:

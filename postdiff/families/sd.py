@@ -84,16 +84,12 @@ class StableDiffusionFamily(Family):
         cross_attention_kwargs = a["cross_attention_kwargs"]
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         self.prompt_embeds, self.negative_prompt_embeds = pipe.encode_prompt(
-            a["prompt"], self.device, a["num_images_per_prompt"], self.do_cfg, a["negative_prompt"],
-            prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+            a["prompt"], self.device, a["num_images_per_prompt"], self.do_cfg, a.get("negative_prompt"),
+            prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a.get("negative_prompt_embeds"),
             lora_scale=lora_scale, clip_skip=a["clip_skip"],
         )
         self.cfg_embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds]) if self.do_cfg else None
-        self.timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(a["guidance_scale"] - 1).repeat(self.num_images)
-            self.timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=pipe.unet.config.time_cond_proj_dim)
-            self.timestep_cond = self.timestep_cond.to(device=self.device, dtype=self.prompt_embeds.dtype)
+        self.timestep_cond = guidance_embedding(pipe, a["guidance_scale"], self.num_images, self.device, self.prompt_embeds.dtype)
 
     def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         pipe, a = self.pipe, self.args
@@ -132,6 +128,45 @@ class StableDiffusionFamily(Family):
         if not a["return_dict"]:
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+
+def guidance_embedding(pipe, guidance_scale: float, num_images: int, device, dtype):
+    """The guidance-scale embedding of guidance-distilled U-Nets (LCM), None for the others."""
+    dimension = pipe.unet.config.time_cond_proj_dim
+    if dimension is None:
+        return None
+    scale = torch.tensor(guidance_scale - 1).repeat(num_images)
+    return pipe.get_guidance_scale_embedding(scale, embedding_dim=dimension).to(device=device, dtype=dtype)
+
+
+@register
+class LatentConsistencyFamily(StableDiffusionFamily):
+    """`LatentConsistencyModelPipeline`: no CFG (guidance is an embedding), decodes the last `denoised`."""
+
+    name = "lcm"
+    pipeline_names = ("LatentConsistencyModelPipeline",)
+
+    @property
+    def eta(self):
+        return None
+
+    def check(self) -> None:
+        for name in ("guidance_rescale", "negative_prompt"):
+            self.args.setdefault(name, None if name == "negative_prompt" else 0.0)
+        super().check()
+
+    def timesteps(self) -> torch.Tensor:
+        a = self.args
+        timesteps, _ = retrieve_timesteps(self.pipe.scheduler, a["num_inference_steps"], self.device, a["timesteps"],
+                                          original_inference_steps=a["original_inference_steps"])
+        self.pipe._num_timesteps = len(timesteps)
+        return timesteps
+
+    def final_sample(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.denoised
+
+    def callback_tensors(self, latents: torch.Tensor) -> dict:
+        return {"latents": latents, "denoised": self.denoised, "prompt_embeds": self.prompt_embeds, "w_embedding": self.timestep_cond}
 
 
 @register

@@ -13,7 +13,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .base import call_with, register
-from .sd import StableDiffusionFamily
+from .sd import StableDiffusionFamily, guidance_embedding
 
 
 def _scaled(size, scale: float):
@@ -60,11 +60,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         self.cfg_embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds], dim=0) if self.do_cfg else None
         self.cfg_text_embeds = torch.cat([self.negative_pooled, self.pooled], dim=0) if self.do_cfg else None
         self.time_ids = {}
-        self.timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(a["guidance_scale"] - 1).repeat(self.num_images)
-            self.timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=pipe.unet.config.time_cond_proj_dim)
-            self.timestep_cond = self.timestep_cond.to(device=self.device, dtype=self.prompt_embeds.dtype)
+        self.timestep_cond = guidance_embedding(pipe, a["guidance_scale"], self.num_images, self.device, self.prompt_embeds.dtype)
 
     def _time_ids(self, scale: float, cfg: bool) -> torch.Tensor:
         """Added time ids for a phase, built as the pipeline builds them (cat, then repeat per image)."""
