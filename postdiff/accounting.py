@@ -19,7 +19,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .caching import install_unet_caches
+from .caching import install_transformer_caches, install_unet_caches
 from .caching.state import RunState
 from .config import PostDiffConfig
 from .plan import Step, StepPlan
@@ -76,7 +76,38 @@ class UNetKind(DenoiserKind):
         install_unet_caches(model, config, state)
 
 
-DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind()}
+class PixArtKind(DenoiserKind):
+    """`PixArtTransformer2DModel`. On the meta device the sin-cos `pos_embed` buffer is only a shape, which is
+    all counting needs (it is never materialized with `to_empty`); at other sizes `PatchEmbed` recomputes it
+    from the input's grid, as on real tensors (elementwise work, not counted)."""
+
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import PixArtTransformer2DModel
+
+        with torch.device("meta"):
+            return PixArtTransformer2DModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        caption_channels = config.get("caption_channels") or config.get("cross_attention_dim", 1152)
+        inputs = {
+            "hidden_states": torch.empty(batch, config.get("in_channels", 4), *latent_hw, device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, caption_channels, device="meta"),
+            "encoder_attention_mask": torch.ones(batch, spec.text_length, dtype=torch.int64, device="meta"),
+            "timestep": torch.full((batch,), 500, dtype=torch.int64, device="meta"),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+        additional = config.get("use_additional_conditions")
+        if additional or (additional is None and config.get("sample_size", 128) == 128):  # PixArt-alpha 1024
+            inputs["added_cond_kwargs"] = {"resolution": torch.empty(batch, 2, device="meta"),
+                                           "aspect_ratio": torch.empty(batch, 1, device="meta")}
+        return inputs
+
+    def install_caches(self, model, config, state) -> None:
+        install_transformer_caches(model, config, state)
+
+
+DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind(), "pixart": PixArtKind()}
 
 
 def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from .accounting import DenoiserSpec, meta_denoiser
 from .caching.deepcache import max_branch
+from .families.pixart import transformer_facts
 from .families.sd import unet_size_multiple
 from .plan import ModelFacts
 
 CONFIG_DIR = Path(__file__).parent / "accounting_configs"
 RESTART_REPEATS = {"PNDMScheduler": 1}
-FACTS_OF_KIND: dict = {}  # denoiser kind -> (meta model, latent_hw, restart_repeats) -> ModelFacts
+FACTS_OF_KIND: dict = {"pixart": transformer_facts}  # denoiser kind -> (meta model, latent_hw, restart_repeats) -> ModelFacts
 
 
 @dataclass(frozen=True)

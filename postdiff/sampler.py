@@ -137,12 +137,12 @@ class Sampler:
         state.step = None
         if step.cfg:
             noise_uncond, noise_text = noise_pred.chunk(2)
-            noise_pred = noise_uncond + pipe.guidance_scale * (noise_text - noise_uncond)
-            if pipe.guidance_rescale > 0.0:
-                noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=pipe.guidance_rescale)
+            noise_pred = noise_uncond + family.guidance_scale * (noise_text - noise_uncond)
+            if family.guidance_rescale > 0.0:
+                noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=family.guidance_rescale)
         sample = latents
         output = scheduler.step(noise_pred, t, latents, **self.extra_step_kwargs, return_dict=False)
-        latents = output[0]
+        latents = family.step_latents(output)
         # Consistency models: x0 is the scheduler's `denoised`, not a function of the model output alone.
         family.denoised = output[1] if type(scheduler).__name__ == "LCMScheduler" else None
         x0 = None

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..config import ConfigError, PostDiffConfig
-from . import cross_attention, deepcache
+from . import blocks, cross_attention, deepcache
 from .state import RunState
 
-HOOK_NAMES = [deepcache.HOOK_NAME, cross_attention.HOOK_NAME]
+HOOK_NAMES = [deepcache.HOOK_NAME, cross_attention.HOOK_NAME, blocks.HOOK_NAME]
 
 
 def install_unet_caches(unet, config: PostDiffConfig, state: RunState) -> None:
@@ -18,6 +18,14 @@ def install_unet_caches(unet, config: PostDiffConfig, state: RunState) -> None:
         deepcache.apply_deepcache(unet, config.cache_branch, state)
     if config.cross_attention_cache:
         cross_attention.apply_cross_attention_cache(unet, config.ca_mode, state)
+
+
+def install_transformer_caches(transformer, config: PostDiffConfig, state: RunState) -> None:
+    """Block caching (blocks.py) and the cross-attention cache on a DiT with `transformer_blocks`."""
+    if config.deepcache:
+        blocks.apply_block_cache(transformer, config.cache_branch, state)
+    if config.cross_attention_cache:
+        cross_attention.apply_cross_attention_cache(transformer, config.ca_mode, state)
 
 
 def remove_caches(model) -> None:

@@ -15,7 +15,7 @@ class RunState:
     latent_hw: tuple[int, int] | None = None
     num_images: int = 0  # conditional batch size (images per call)
     guidance_scale: float = 1.0
-    deep: dict = field(default_factory=dict)  # DeepCache: module name -> output of the last full step
+    deep: dict = field(default_factory=dict)  # DeepCache: module name -> output of the last full step; block caching: residual
     cross_attention: dict = field(default_factory=dict)  # module name -> CrossAttentionEntry
 
     def begin(self, num_images: int, guidance_scale: float) -> None:

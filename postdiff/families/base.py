@@ -87,6 +87,18 @@ class Family:
     def num_images(self) -> int:
         raise NotImplementedError
 
+    @property
+    def guidance_scale(self) -> float:
+        return self.pipe.guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self.pipe.guidance_rescale
+
+    def step_latents(self, output) -> torch.Tensor:
+        """The latents the loop goes on with, from `scheduler.step(..., return_dict=False)`: its first entry."""
+        return output[0]
+
     # -- compute
     def encode(self) -> None:
         raise NotImplementedError
