@@ -128,9 +128,6 @@ def generate(
     run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console)
 
 
-if __name__ == "__main__":
-    app()
-
 
 @app.command()
 @with_config_flags
@@ -157,3 +154,56 @@ def evaluate(
         return
     console.print(f"{result.config}: FD {result.fd:.3f}, alignment {result.alignment:.3f}, "
                   f"{result.macs / 1e9:.3f} GMACs/image, {result.seconds:.1f} s for {10 * per_class} images")
+
+
+def _values(text: str, convert) -> list:
+    return [None if item.strip().lower() == "none" else convert(item) for item in text.split(",") if item.strip()]
+
+
+@app.command()
+def sweep(
+    store: Path = typer.Option(Path("runs/sweep.jsonl"), help="append-only results (resumed when present)"),
+    steps: str = typer.Option("8,20", help="comma list of num_inference_steps"),
+    beta: str = typer.Option("1.0,0.5", help="comma list"),
+    switch: str = typer.Option("0,0.5", help="comma list"),
+    cache_interval: str = typer.Option("1,2", help="comma list"),
+    cfg_stop: str = typer.Option("none", help="comma list; none = CFG kept"),
+    ca_mode: str = typer.Option("cond", help="comma list of cond, ave, cfg, none"),
+    preset: str = typer.Option("", help="comma list of presets added to the grid"),
+    per_class: int = typer.Option(20, min=2),
+    seed: int = typer.Option(0),
+    guidance_scale: float = typer.Option(3.0),
+    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
+):
+    """Score a grid of configurations (FD, alignment, MACs, wall time) on the embedded model; resumable.
+
+    Run it under `accelerate launch --num_processes N` to shard the generation."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .evaluation.sweep import SweepContext, SweepStore, grid, point_key, run_sweep
+    from .testbed.evaluator import load_evaluator
+    from .testbed.model import load_pipeline
+
+    try:
+        points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
+                      _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p])
+    except (ConfigError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    context = SweepContext(model=str(model or "testbed"), per_class=per_class, seed=seed, guidance_scale=guidance_scale)
+    sweep_store = SweepStore(store)
+    done = sweep_store.keys()
+    todo = sum(point_key(point, context) not in done for point in points)
+    console.print(f"{len(points)} points, {len(points) - todo} already in {store}, {todo} to score")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sweep", total=todo)
+        rows = run_sweep(pipe, load_evaluator(), points, sweep_store, context, progress=lambda point: progress.advance(task))
+    for row in sorted(rows, key=lambda r: r["macs"]):
+        print(f"{row['describe']:<60} FD {row['fd']:7.2f}  align {row['alignment']:.3f}  {row['macs'] / 1e9:6.2f} GMACs")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,140 @@
+"""Resumable sweeps: every (config, steps) point of a grid is scored once and appended to a JSON-lines store.
+
+The store is append-only and keyed by the point and its context (model, prompt set, images per class,
+seed, guidance): a sweep killed at any moment and started again skips what is stored, recomputes nothing
+and duplicates nothing. A line cut by a kill mid-write is dropped when the store is opened.
+
+Generation is sharded with accelerate: the classes of the prompt set are split between processes
+(`PartialState.split_between_processes`), each class is seeded on its own, and the main process gathers
+the images, scores and writes; so 1 process and N processes give the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import api
+from ..accounting import plan_costs, total
+from ..config import PostDiffConfig
+from ..models import spec_from_pipeline
+from ..testbed.text import canonical_prompt
+from .quality import generate_per_class
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    config: PostDiffConfig
+    steps: int
+
+    def describe(self) -> str:
+        return f"{self.steps} steps, {self.config.describe()}"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What else a score depends on; part of every row's key."""
+
+    model: str = "testbed"
+    prompt_set: str = "fashion-mnist-classes"
+    per_class: int = 20
+    seed: int = 0
+    guidance_scale: float = 3.0
+    classes: tuple[int, ...] = tuple(range(10))
+
+
+def point_key(point: SweepPoint, context: SweepContext) -> str:
+    payload = json.dumps({"config": point.config.to_dict(), "steps": point.steps, "context": context.__dict__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
+         presets=(), family: str = "testbed") -> list[SweepPoint]:
+    """The cartesian grid, with invalid combinations (switch without beta < 1) left out and duplicates merged."""
+    points = []
+    for n, beta, switch, interval, stop, mode in itertools.product(steps, betas, switches, cache_intervals, cfg_stops, ca_modes):
+        if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]):
+            continue
+        points.append(SweepPoint(PostDiffConfig(beta=beta, switch=switch, cache_interval=interval, cfg_stop=stop, ca_mode=mode), n))
+    points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
+    return list(dict.fromkeys(points))
+
+
+class SweepStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+
+    def _drop_partial_line(self) -> None:
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):  # a kill mid-write: the last line is incomplete
+            self.path.write_bytes(raw[: raw.rfind(b"\n") + 1])
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keys(self) -> set[str]:
+        return {row["key"] for row in self.rows()}
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def score_point(pipe, evaluator, point: SweepPoint, context: SweepContext, state) -> dict | None:
+    """Generate this process's share of the classes; on the main process gather, score and return the row."""
+    from accelerate.utils import gather_object
+
+    api.apply(pipe, point.config)
+    try:
+        plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=point.steps, guidance_scale=context.guidance_scale)
+        started = time.perf_counter()
+        with state.split_between_processes(list(context.classes)) as my_classes:
+            images, labels = generate_per_class(pipe, context.per_class, point.steps, context.guidance_scale, context.seed, my_classes)
+        seconds = time.perf_counter() - started
+    finally:
+        api.remove(pipe)
+    shards = gather_object([(images, labels, seconds)])
+    if not state.is_main_process:
+        return None
+    images = np.concatenate([shard[0] for shard in shards])
+    labels = np.concatenate([shard[1] for shard in shards])
+    macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+    return {
+        "key": point_key(point, context), "config": point.config.to_dict(), "describe": point.describe(),
+        "steps": point.steps, "context": context.__dict__, "fd": evaluator.frechet_distance(images),
+        "alignment": evaluator.alignment(images, labels), "macs": macs,
+        "seconds": sum(shard[2] for shard in shards), "num_images": int(len(images)),
+    }
+
+
+def run_sweep(pipe, evaluator, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
+    """Score every point not in the store yet; returns the store's rows for `points` (old and new)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    done = store.keys()
+    todo = [point for point in points if point_key(point, context) not in done]
+    for point in todo:
+        row = score_point(pipe, evaluator, point, context, state)
+        if row is not None:
+            store.append(row)
+        if progress is not None:
+            progress(point)
+    state.wait_for_everyone()
+    wanted = {point_key(point, context) for point in points}
+    return [row for row in store.rows() if row["key"] in wanted]
