@@ -84,25 +84,32 @@ def config_of(pipe) -> PostDiffConfig | None:
     return patch.config if patch is not None else None
 
 
-def _postdiff_call(self, *args, **kwargs):
-    patch: Patch = self.__dict__["_postdiff"]
-    signature = inspect.signature(patch.reference_call())
-    bound = signature.bind(self, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop("self", None)
-    with torch.no_grad():
-        return Sampler(patch.family(self, arguments), patch.config, patch.state)()
-
-
-def plan_call(pipe, *args, **kwargs):
-    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything."""
+def _sampler(pipe, args, kwargs, trajectory: list | None = None) -> Sampler:
+    """A Sampler for one call, its arguments bound to the pipeline's own signature (defaults applied)."""
     patch: Patch = pipe.__dict__["_postdiff"]
     bound = inspect.signature(patch.reference_call()).bind(pipe, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
-    return Sampler(patch.family(pipe, arguments), patch.config, patch.state).prepare()
+    return Sampler(patch.family(pipe, arguments), patch.config, patch.state, trajectory)
+
+
+def _postdiff_call(self, *args, **kwargs):
+    with torch.no_grad():
+        return _sampler(self, args, kwargs)()
+
+
+def plan_call(pipe, *args, **kwargs):
+    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything."""
+    return _sampler(pipe, args, kwargs).prepare()
+
+
+def trace_x0(pipe, *args, **kwargs) -> tuple[object, list[torch.Tensor]]:
+    """Run `pipe(*args, **kwargs)` and return its output and the x0 prediction of every step (latent space)."""
+    trajectory: list[torch.Tensor] = []
+    with torch.no_grad():
+        output = _sampler(pipe, args, kwargs, trajectory)()
+    return output, trajectory
 
 
 @functools.cache

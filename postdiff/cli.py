@@ -205,5 +205,66 @@ def sweep(
         print(f"{row['describe']:<60} FD {row['fd']:7.2f}  align {row['alignment']:.3f}  {row['macs'] / 1e9:6.2f} GMACs")
 
 
+
+@app.command()
+def calibrate(
+    budget_macs: Optional[float] = typer.Option(None, help="MACs per image allowed (units of 1)"),
+    budget_fraction: Optional[float] = typer.Option(None, help="or: a fraction of the 20-step baseline's MACs"),
+    store: Path = typer.Option(Path("runs/sweep.jsonl")),
+    max_steps: int = typer.Option(20),
+    calibration_per_class: int = typer.Option(10, min=2),
+    full_per_class: int = typer.Option(100, min=2),
+    guidance_scale: float = typer.Option(3.0),
+    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
+):
+    """Best configuration under a MACs budget on a small calibration set, confirmed on the full set."""
+    from .evaluation.study import calibrate as run_calibration
+    from .evaluation.study import default_candidates, point_macs
+    from .evaluation.sweep import SweepContext, SweepPoint, SweepStore
+    from .testbed.evaluator import load_evaluator
+    from .testbed.model import load_pipeline
+
+    if (budget_macs is None) == (budget_fraction is None):
+        console.print("[red]error:[/red] give exactly one of --budget-macs and --budget-fraction")
+        raise typer.Exit(2)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    if budget_fraction is not None:
+        budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale)
+    calibration = SweepContext(model=str(model or "testbed"), prompt_set="calibration", per_class=calibration_per_class, seed=1000, guidance_scale=guidance_scale)
+    full = SweepContext(model=str(model or "testbed"), per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
+    result = run_calibration(pipe, load_evaluator(), SweepStore(store), budget_macs, default_candidates(max_steps), calibration, full)
+    print(json.dumps(result, indent=1, default=str))
+
+
+@app.command()
+def report(
+    store: Path = typer.Option(Path("runs/sweep.jsonl")),
+    out: Path = typer.Option(Path("report")),
+    per_class: Optional[int] = typer.Option(None, help="only rows with this many images per class"),
+    trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5)"),
+    steps: int = typer.Option(20),
+    guidance_scale: float = typer.Option(3.0),
+):
+    """Pareto figures, trajectories, cross-attention ablation and a Markdown summary from a sweep store."""
+    from .evaluation.study import trajectory, write_report
+    from .evaluation.sweep import SweepStore
+
+    rows = [r for r in SweepStore(store).rows() if per_class is None or r["context"]["per_class"] == per_class]
+    if not rows:
+        console.print(f"[red]error:[/red] no rows in {store}")
+        raise typer.Exit(2)
+    curves = None
+    if trajectories:
+        from .testbed.evaluator import load_evaluator
+        from .testbed.model import load_pipeline
+
+        pipe, evaluator = load_pipeline(), load_evaluator()
+        pipe.set_progress_bar_config(disable=True)
+        curves = {f"switch {s}": trajectory(pipe, evaluator, PostDiffConfig(beta=0.5, switch=s) if s else PostDiffConfig(),
+                                            steps, 10, guidance_scale) for s in (0, 0.25, 0.5)}
+    console.print(f"wrote {write_report(rows, out, curves)}")
+
+
 if __name__ == "__main__":
     app()

@@ -81,11 +81,12 @@ def renoise(scheduler, x0: torch.Tensor, phase: Phase, timesteps: torch.Tensor, 
 class Sampler:
     """Executes one pipeline call: validation and plan first, then the loop, then decoding."""
 
-    def __init__(self, family: Family, config: PostDiffConfig, state: RunState):
+    def __init__(self, family: Family, config: PostDiffConfig, state: RunState, trajectory: list | None = None):
         self.family = family
         self.pipe = family.pipe
         self.config = config
         self.state = state
+        self.trajectory = trajectory  # when a list: the x0 prediction of every step is appended to it
 
     def prepare(self) -> StepPlan:
         """Everything that can refuse the call, before any model runs."""
@@ -146,8 +147,10 @@ class Sampler:
         # Consistency models: x0 is the scheduler's `denoised`, not a function of the model output alone.
         family.denoised = output[1] if type(scheduler).__name__ == "LCMScheduler" else None
         x0 = None
-        if keep_x0:
+        if keep_x0 or self.trajectory is not None:
             x0 = family.denoised if family.denoised is not None else predict_x0(scheduler, sample, noise_pred, t)
+        if self.trajectory is not None:
+            self.trajectory.append(x0)
         latents = self.step_callback(step.index, t, latents)
         return latents, x0
 

@@ -69,3 +69,24 @@ def test_two_processes_give_the_same_rows_as_one(tmp_path):
     assert len(one) == len(two) == 1
     for key in ("key", "fd", "alignment", "macs", "num_images"):
         assert one[0][key] == two[0][key], key
+
+
+def test_calibration_and_report_on_a_small_grid(tmp_path):
+    from postdiff.evaluation.study import calibrate, write_report
+    from postdiff.evaluation.sweep import run_sweep
+    from postdiff.testbed.evaluator import load_evaluator
+    from postdiff.testbed.model import load_pipeline
+
+    pipe, evaluator = load_pipeline(), load_evaluator()
+    pipe.set_progress_bar_config(disable=True)
+    store = SweepStore(tmp_path / "store.jsonl")
+    candidates = grid([2, 4], betas=[1.0, 0.5], switches=[0, 0.5])
+    small, full = SweepContext(prompt_set="calibration", per_class=2, seed=1000), SweepContext(per_class=3)
+    result = calibrate(pipe, evaluator, store, budget_macs=2e9, candidates=candidates, calibration=small, full=full)
+    assert result["candidates"] == 3  # the 4-step baseline costs 2.6 GMACs, over the budget
+    assert result["calibration_images"] == 3 * 20 and -1 <= result["spearman_fd"] <= 1
+    assert result["best_full"]["macs"] <= 2e9
+    rows = run_sweep(pipe, evaluator, candidates, store, full)
+    report = write_report(rows, tmp_path / "report")
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 1000
+    assert report.read_text().count("\n| ") >= 4

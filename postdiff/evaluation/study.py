@@ -1,0 +1,174 @@
+"""The compute-optimal study on the embedded model: calibration under a MACs budget, Pareto report,
+per-step x0 trajectories. Everything reads and writes the same sweep store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from .. import api
+from ..accounting import plan_costs, total
+from ..config import PostDiffConfig
+from ..models import spec_from_pipeline
+from ..testbed.text import canonical_prompt
+from .sweep import SweepContext, SweepPoint, SweepStore, grid, run_sweep
+
+
+def point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
+    api.apply(pipe, point.config)
+    try:
+        plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=point.steps, guidance_scale=guidance_scale)
+    finally:
+        api.remove(pipe)
+    return total(plan_costs(spec_from_pipeline(pipe).denoiser, plan))
+
+
+def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
+    """Fewer steps, and cheaper steps at the full step count: mixed resolution, DeepCache, CFG stop."""
+    fewer = grid(list(range(4, max_steps + 1, 2)))
+    cheaper = grid([max_steps, max_steps * 3 // 4], betas=[1.0, 0.5], switches=[0, 0.25, 0.5], cache_intervals=[1, 2, 3],
+                   cfg_stops=[None, max_steps // 4, max_steps // 2])
+    return list(dict.fromkeys(fewer + cheaper))
+
+
+def calibrate(pipe, evaluator, store: SweepStore, budget_macs: float, candidates: list[SweepPoint],
+              calibration: SweepContext, full: SweepContext) -> dict:
+    """Best FD under the budget on the small calibration set, confirmed on the full set (all candidates, for
+    the rank correlation between the two sets)."""
+    affordable = [p for p in candidates if point_macs(pipe, p, calibration.guidance_scale) <= budget_macs]
+    if not affordable:
+        raise ValueError(f"budget_macs={budget_macs:.4g} admits none of the {len(candidates)} candidates")
+    started = time.perf_counter()
+    small = run_sweep(pipe, evaluator, affordable, store, calibration)
+    calibration_seconds = time.perf_counter() - started
+    large = run_sweep(pipe, evaluator, affordable, store, full)
+    by_key_small = {row["describe"]: row for row in small}
+    by_key_large = {row["describe"]: row for row in large}
+    names = sorted(by_key_small)
+    best = min(names, key=lambda name: by_key_small[name]["fd"])
+    correlation = spearmanr([by_key_small[n]["fd"] for n in names], [by_key_large[n]["fd"] for n in names]).statistic if len(names) > 2 else float("nan")
+    return {
+        "budget_macs": budget_macs, "candidates": len(affordable), "best": best,
+        "best_calibration": by_key_small[best], "best_full": by_key_large[best],
+        "best_on_full_set": min(names, key=lambda name: by_key_large[name]["fd"]),
+        "calibration_images": sum(row["num_images"] for row in small),
+        "calibration_seconds_this_run": calibration_seconds,
+        "calibration_seconds_generation": sum(row["seconds"] for row in small),
+        "spearman_fd": float(correlation),
+    }
+
+
+def pareto_front(rows: list[dict], metric: str = "fd", lower_is_better: bool = True) -> list[dict]:
+    """Rows no other row beats on both MACs and `metric`."""
+    ordered = sorted(rows, key=lambda r: (r["macs"], r[metric] if lower_is_better else -r[metric]))
+    front, best = [], None
+    for row in ordered:
+        value = row[metric] if lower_is_better else -row[metric]
+        if best is None or value < best:
+            front.append(row)
+            best = value
+    return front
+
+
+def is_fewer_steps_only(row: dict) -> bool:
+    return PostDiffConfig(**{**row["config"], "progressive": tuple(map(tuple, row["config"]["progressive"]))}).is_off
+
+
+def pareto_figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, lower in ((axes[0], "fd", True), (axes[1], "alignment", False)):
+        fewer = sorted((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"])
+        cheaper = pareto_front([r for r in rows if not is_fewer_steps_only(r)], metric, lower)
+        ax.scatter([r["macs"] / 1e9 for r in rows], [r[metric] for r in rows], s=10, color="0.75", label="all configurations")
+        ax.plot([r["macs"] / 1e9 for r in fewer], [r[metric] for r in fewer], "o-", label="fewer steps (baseline)")
+        ax.plot([r["macs"] / 1e9 for r in cheaper], [r[metric] for r in cheaper], "s-", label="cheaper steps (PostDiff front)")
+        ax.set_xlabel("denoiser GMACs per image")
+        ax.set_ylabel("FD (lower is better)" if lower else "prompt alignment (higher is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ca_ablation_table(rows: list[dict]) -> str:
+    lines = ["| m | mode | FD | alignment | GMACs |", "|---|---|---|---|---|"]
+    ablation = [r for r in rows if r["config"]["cfg_stop"] is not None]
+    for row in sorted(ablation, key=lambda r: (r["config"]["cfg_stop"], r["config"]["ca_mode"], r["steps"])):
+        c = row["config"]
+        lines.append(f"| {c['cfg_stop']} | {c['ca_mode']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} |")
+    return "\n".join(lines)
+
+
+def trajectory(pipe, evaluator, config: PostDiffConfig, steps: int, per_class: int, guidance_scale: float, seed: int = 0) -> list[dict]:
+    """FD and alignment of the (upsampled) x0 prediction at every step, as in the paper's per-step CLIP figure."""
+    import torch
+    import torch.nn.functional as F
+
+    api.apply(pipe, config)
+    per_step: list[list] = []
+    labels = []
+    try:
+        for label in range(10):
+            _, x0s = api.trace_x0(pipe, canonical_prompt(label), negative_prompt="", num_images_per_prompt=per_class,
+                                  num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
+                                  generator=torch.Generator().manual_seed(seed + label))
+            per_step.append([F.interpolate(x0, size=(32, 32), mode="bilinear").clamp(-1, 1) for x0 in x0s])
+            labels += [label] * per_class
+    finally:
+        api.remove(pipe)
+    labels = np.asarray(labels)
+    result = []
+    for index in range(len(per_step[0])):
+        images = torch.cat([shard[index] for shard in per_step])
+        result.append({"step": index, "fd": evaluator.frechet_distance(images), "alignment": evaluator.alignment(images, labels)})
+    return result
+
+
+def trajectory_figure(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        axes[0].plot([p["step"] for p in curve], [p["alignment"] for p in curve], label=name)
+        axes[1].plot([p["step"] for p in curve], [p["fd"] for p in curve], label=name)
+    axes[0].set_ylabel("alignment of the x0 prediction")
+    axes[1].set_ylabel("FD of the x0 prediction")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    pareto_figure(rows, out / "pareto.png")
+    if curves:
+        trajectory_figure(curves, out / "trajectory.png")
+        (out / "trajectory.json").write_text(json.dumps(curves, indent=1))
+    base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
+    lines = ["# PostDiff study on the embedded model", "", "![pareto](pareto.png)", ""]
+    if curves:
+        lines += ["![trajectory](trajectory.png)", ""]
+    lines += ["| configuration | FD | alignment | GMACs | MACs vs baseline |", "|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: r["macs"]):
+        share = f"{row['macs'] / base['macs']:.0%}" if base else ""
+        lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
+    lines += ["", "## Cross-attention cache modes", "", ca_ablation_table(rows), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
