@@ -86,7 +86,8 @@ class PostDiffConfig:
         """"off"; "deepcache" (k=2, shallowest branch); "paper": the paper's beta for the family, s=1/2, k=2.
 
         "paper" is the configuration of the paper's headline PostDiff rows: their FLOPs are exactly mixed
-        resolution (s=1/2) times DeepCache (k=2), with CFG kept (SD1.5: 19.035 x 17.787/30.420 = 11.130).
+        resolution (s=1/2) times DeepCache (k=2), with CFG kept (19.035 x 17.787 / 30.420 = 11.130; the paper's
+        "SD v1.5" numbers are SD 2.1's U-Net at 768 px, see README).
         Cross-attention caching is opt-in with `cfg_stop`.
         """
         _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")

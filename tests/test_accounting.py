@@ -108,3 +108,16 @@ def test_plan_cli_prints_the_plan():
     lines = result.output.splitlines()
     assert "10 steps" in lines[0] and len(lines) == 12
     assert "32x32" in lines[2] and "64x64" in lines[-1] and "switch" in lines[7] and "CFG stops" in lines[5]
+
+
+def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
+    """The paper's "SD v1.5" FLOPs are SD 2.1's U-Net at 768 px (README, Compute accounting)."""
+    rows = {
+        ("--steps", "20"): 30.420,
+        ("--steps", "8"): 12.168,
+        ("--steps", "20", "--beta", "0.5", "--switch", "0.5"): 19.035,
+        ("--steps", "20", "--cache-interval", "2"): 17.787,
+        ("--steps", "20", "--preset", "paper"): 11.129,
+    }
+    for flags, paper in rows.items():
+        assert _flops_json("--model", "sd21-768", *flags)["total"] == pytest.approx(paper, rel=5e-4), flags
