@@ -24,7 +24,7 @@ from postdiff.config import PostDiffConfig  # noqa: E402
 from postdiff.models import ModelSpec, load_model_spec  # noqa: E402
 from postdiff.plan import StepPlan, make_plan  # noqa: E402
 
-MODELS = ["sd15-512", "sd21-768", "sdxl-1024"]
+MODELS = ["sd15-512", "sd21-768", "sdxl-1024", "pixart-alpha-1024"]
 STEPS = 20
 CA_STOPS = (5, 10, 15)
 
@@ -33,8 +33,9 @@ PAPER = {
     "sd": {"base20": 30.420, "base8": 12.168, "mixed": 19.035, "deepcache": 17.787, "ca5": 11.610,
            "ca10": 15.061, "ca15": 16.360, "paper": 11.129},
     "sdxl": {"base20": 119.641, "base8": 47.856, "paper": 52.682},
+    "pixart": {"base20": 85.640, "base8": 34.256, "paper": 54.718},
 }
-PAPER_ROWS_OF = {"sd": "SD v1.5", "sdxl": "SDXL"}
+PAPER_ROWS_OF = {"sd": "SD v1.5", "sdxl": "SDXL", "pixart": "PixArt-a"}
 
 
 def rows(family: str) -> list[tuple[str, str, PostDiffConfig, int]]:
@@ -62,7 +63,7 @@ def tmacs(spec: ModelSpec, plan: StepPlan) -> float:
 
 
 def family_key(spec: ModelSpec) -> str:
-    return "sdxl" if spec.family == "sdxl" else "sd"
+    return spec.family if spec.family in PAPER else "sd"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
