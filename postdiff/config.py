@@ -21,7 +21,8 @@ class PostDiffConfig:
     beta: scale of the low-resolution latent (0 < beta <= 1); used while `switch` > 0.
     switch: fraction s of the denoising steps run at low resolution (0 = mixed resolution off).
     cache_interval: DeepCache k; the deep U-Net branch is computed every k steps and reused between (1 = off).
-    cache_branch: which skip branch bounds the shallow part that always runs (0 = shallowest, as DeepCache).
+    cache_branch: which skip branch bounds the shallow part that always runs (0 = conv_in and the first down
+        layer, the paper's DeepCache setting; see caching/deepcache.py).
     cfg_stop: index m of the first step without classifier-free guidance (None = never stop CFG).
     ca_mode: what the cross-attention cache holds after `cfg_stop`: "cond" (conditional half, the paper's
         default), "ave" (mean of the halves, as T-GATE), "cfg" (guided combination) or "none" (no

@@ -7,7 +7,7 @@ The span and `cache_branch`. A DiT has no skip branches; what DeepCache keeps is
 turns the current input into features and features back into the output. The analog here: branch b keeps
 the first b + 1 and the last b + 1 blocks running on every step and caches the blocks between them,
 `transformer_blocks[b + 1 : N - b - 1]`. Branch 0 (the default) caches everything but the first and the
-last block, as DeepCache's branch 0 caches everything but the outermost U-Net level. Why both ends: the
+last block, as U-Net branch 0 caches everything below the outermost level. Why both ends: the
 first block is the only one that sees the fresh patch embedding of the current x_t (and the current
 timestep's modulation) before the span, and the last block maps the features back right before the output
 projection, so the step's own input and timestep always reach the output through computed blocks. Valid

@@ -4,8 +4,9 @@ from the last "full" step instead of running, so only the shallow branch compute
 Skip connections s_0 (conv_in), s_1, ... are the outputs of the down path's layers in order (a layer is a
 resnet with its attention, or a down-sampler). Branch b keeps s_0..s_{b+1} live: conv_in and the first
 b+1 down layers run, and so do the up layers that consume those skips. Everything between (deeper down
-layers, the mid block, deeper up layers and their up-samplers) is the deep part. Branch 0 is DeepCache's
-default (its layer 0, block 0). Whole blocks inside the deep part are hooked as one module.
+layers, the mid block, deeper up layers and their up-samplers) is the deep part. Branch 0 reproduces the
+paper's DeepCache FLOPs; the DeepCache package counts `cache_branch_id` differently (our 0 / 1 / 2 are its
+1 / 3 / 4 on the test U-Net, bit for bit). Whole blocks inside the deep part are hooked as one module.
 """
 
 from __future__ import annotations
