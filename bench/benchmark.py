@@ -35,7 +35,6 @@ WORKLOADS = ("testbed", "sd15-512", "sd15-256")
 
 
 def build_pipeline(workload: str, device: str):
-    import torch
 
     if workload == "testbed":
         from postdiff.testbed.model import load_pipeline

@@ -60,10 +60,7 @@ def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> Mod
     index = json.loads((folder / "model_index.json").read_text())
     tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
     text_length = json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
-    vae_factor = 1
-    if (folder / "vae" / "config.json").exists():
-        vae_factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-    sample = unet_config["sample_size"]
+    sample = unet_config["sample_size"]  # the U-Net's native latent size
     side = sample if isinstance(sample, int) else sample[0]
     family = family or ("sdxl" if "XL" in index.get("_class_name", "") else "sd")
     scheduler = index.get("scheduler", [None, "DDIMScheduler"])[1]
@@ -71,7 +68,6 @@ def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> Mod
 
 
 def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
-    from .api import family_name
 
     from .families import family_for
 

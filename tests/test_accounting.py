@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 from tiny import call, sd_pipeline, sdxl_pipeline
@@ -15,7 +14,7 @@ import postdiff
 from postdiff import PostDiffConfig
 from postdiff.accounting import plan_costs, total
 from postdiff.cli import app
-from postdiff.models import load_model_spec, spec_from_pipeline
+from postdiff.models import spec_from_pipeline
 
 
 class PerCallFlops:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from postdiff import PostDiffConfig
-from postdiff.evaluation.sweep import SweepContext, SweepPoint, SweepStore, grid, point_key
+from postdiff.evaluation.sweep import SweepContext, SweepPoint, SweepStore, grid
 
 SWEEP = ["sweep", "--steps", "2,3", "--beta", "1.0,0.5", "--switch", "0,0.5", "--cache-interval", "1,2", "--per-class", "2"]
 

@@ -9,7 +9,7 @@ import torch
 import postdiff
 from postdiff import PostDiffConfig
 from postdiff.testbed.data import CLASS_NAMES, DATA_DIR
-from postdiff.testbed.model import TestbedPipeline, load_pipeline
+from postdiff.testbed.model import load_pipeline
 from postdiff.testbed.text import CLASS_SYNONYMS, canonical_prompt
 
 needs_data = pytest.mark.skipif(not (DATA_DIR / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")

@@ -66,7 +66,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         """Added time ids for a phase, built as the pipeline builds them (cat, then repeat per image)."""
         key = (scale, cfg)
         if key not in self.time_ids:
-            a, pipe = self.args, self.pipe
+            a = self.args
             full = (self.height, self.width)
             ids = self._ids(a["original_size"] or full, a["crops_coords_top_left"], a["target_size"] or full, scale)
             if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
