@@ -69,8 +69,9 @@ def plan(
 
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
-    num_timesteps = steps + spec.facts().restart_repeats  # PLMS evaluates one timestep twice
-    print(make_plan(config, num_timesteps, spec.facts(), do_cfg=not no_cfg).describe())
+    facts = spec.facts()
+    num_timesteps = steps + facts.restart_repeats  # PLMS evaluates one timestep twice
+    print(make_plan(config, num_timesteps, facts, do_cfg=not no_cfg).describe())
 
 
 @app.command()

@@ -11,9 +11,8 @@ from PIL import Image
 from rich.table import Table
 
 from . import api
-from .accounting import plan_costs, total
 from .config import PostDiffConfig
-from .models import spec_from_pipeline
+from .models import plan_macs_per_image
 
 TESTBED_GUIDANCE = 3.0  # chosen on the evaluator (README, "Embedded model")
 
@@ -50,7 +49,7 @@ def timed_run(pipe, config: PostDiffConfig, arguments: dict, seed: int):
     started = time.perf_counter()
     images = pipe(**arguments, generator=torch.Generator().manual_seed(seed)).images
     seconds = time.perf_counter() - started
-    macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+    macs = plan_macs_per_image(pipe, plan)
     api.remove(pipe)
     return images, seconds, macs
 

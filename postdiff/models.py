@@ -10,11 +10,10 @@ from pathlib import Path
 from .accounting import DenoiserSpec, meta_denoiser
 from .caching.deepcache import max_branch
 from .families.pixart import transformer_facts
-from .families.sd import unet_size_multiple
+from .families.sd import restart_repeats, unet_size_multiple
 from .plan import ModelFacts
 
 CONFIG_DIR = Path(__file__).parent / "accounting_configs"
-RESTART_REPEATS = {"PNDMScheduler": 1}
 FACTS_OF_KIND: dict = {"pixart": transformer_facts}  # denoiser kind -> (meta model, latent_hw, restart_repeats) -> ModelFacts
 
 
@@ -28,7 +27,7 @@ class ModelSpec:
 
     def facts(self) -> ModelFacts:
         model = meta_denoiser(self.denoiser)
-        repeats = RESTART_REPEATS.get(self.scheduler, 0)
+        repeats = restart_repeats(self.scheduler)
         if self.denoiser.kind != "unet":
             return FACTS_OF_KIND[self.denoiser.kind](model, self.latent_hw, repeats)
         return ModelFacts(self.latent_hw, unet_size_multiple(model), max_branch(model), repeats)
@@ -78,3 +77,10 @@ def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
     text_length = min(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77), family.max_text_length)
     spec = DenoiserSpec(dict(denoiser.config), text_length, family.denoiser_kind)
     return ModelSpec(name, family.name, spec, (side, side), type(pipe.scheduler).__name__)
+
+
+def plan_macs_per_image(pipe, plan) -> float:
+    """Denoiser MACs per image of a plan that `pipe` would run (the paper's convention)."""
+    from .accounting import plan_costs, total
+
+    return total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))

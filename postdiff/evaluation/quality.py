@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from .. import api
-from ..accounting import plan_costs, total
 from ..config import PostDiffConfig
-from ..models import spec_from_pipeline
+from ..models import plan_macs_per_image
 from ..testbed.data import CLASS_NAMES
 from ..testbed.text import canonical_prompt
 
@@ -48,7 +47,7 @@ def evaluate_config(pipe, evaluator, config: PostDiffConfig, per_class: int = 10
     api.apply(pipe, config)
     try:
         plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=steps, guidance_scale=guidance_scale)
-        macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+        macs = plan_macs_per_image(pipe, plan)
         started = time.perf_counter()
         images, labels = generate_per_class(pipe, per_class, steps, guidance_scale, seed)
         seconds = time.perf_counter() - started

@@ -11,9 +11,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from .. import api
-from ..accounting import plan_costs, total
 from ..config import PostDiffConfig
-from ..models import spec_from_pipeline
+from ..models import plan_macs_per_image
 from ..testbed.text import canonical_prompt
 from .sweep import SweepContext, SweepPoint, SweepStore, grid, run_sweep
 
@@ -24,7 +23,7 @@ def point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
         plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=point.steps, guidance_scale=guidance_scale)
     finally:
         api.remove(pipe)
-    return total(plan_costs(spec_from_pipeline(pipe).denoiser, plan))
+    return plan_macs_per_image(pipe, plan)
 
 
 def default_candidates(max_steps: int = 20) -> list[SweepPoint]:

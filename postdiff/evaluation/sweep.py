@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import api
-from ..accounting import plan_costs, total
 from ..config import PostDiffConfig
-from ..models import spec_from_pipeline
+from ..models import plan_macs_per_image
 from ..testbed.text import canonical_prompt
 from .quality import generate_per_class
 
@@ -113,7 +112,7 @@ def score_point(pipe, evaluator, point: SweepPoint, context: SweepContext, state
         return None
     images = np.concatenate([shard[0] for shard in shards])
     labels = np.concatenate([shard[1] for shard in shards])
-    macs = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=1))
+    macs = plan_macs_per_image(pipe, plan)
     return {
         "key": point_key(point, context), "config": point.config.to_dict(), "describe": point.describe(),
         "steps": point.steps, "context": context.__dict__, "fd": evaluator.frechet_distance(images),

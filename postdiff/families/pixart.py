@@ -134,7 +134,7 @@ class PixArtAlphaFamily(Family):
             scheduler.set_begin_index(0)
 
     def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
-        return transformer_facts(self.pipe.transformer, latent_hw, restart_repeats(self.pipe.scheduler))
+        return transformer_facts(self.pipe.transformer, latent_hw, restart_repeats(type(self.pipe.scheduler).__name__))
 
     # -- compute
     def encode(self) -> None:

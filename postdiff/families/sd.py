@@ -20,9 +20,9 @@ def unet_size_multiple(unet) -> int:
     return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in unet.down_blocks)
 
 
-def restart_repeats(scheduler) -> int:
+def restart_repeats(scheduler_name: str) -> int:
     """PNDM (PLMS) evaluates its second timestep twice while warming up; a restarted one does it again."""
-    return 1 if type(scheduler).__name__ == "PNDMScheduler" else 0
+    return 1 if scheduler_name == "PNDMScheduler" else 0
 
 
 @register
@@ -77,7 +77,7 @@ class StableDiffusionFamily(Family):
 
     def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
         unet = self.pipe.unet
-        return ModelFacts(latent_hw, unet_size_multiple(unet), max_branch(unet), restart_repeats(self.pipe.scheduler))
+        return ModelFacts(latent_hw, unet_size_multiple(unet), max_branch(unet), restart_repeats(type(self.pipe.scheduler).__name__))
 
     def encode(self) -> None:
         pipe, a = self.pipe, self.args
