@@ -15,11 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from postdiff import PostDiffConfig
-from postdiff.evaluation.quality import evaluate_config, generate_per_class
+from postdiff.evaluation.quality import evaluate_config
+from postdiff.evaluation.study import sample_grid
+from postdiff.evaluation.sweep import SweepPoint
 from postdiff.testbed.evaluator import load_evaluator
 from postdiff.testbed.model import load_pipeline
 
@@ -39,17 +39,6 @@ def choose_guidance(pipe, evaluator, scales: list[float], per_class: int) -> tup
     aligned = [r for r in results if r["alignment"] >= 0.9] or results
     best = min(aligned, key=lambda r: r["fd"])
     return best["guidance"], results
-
-
-def class_grid(pipe, config: PostDiffConfig, guidance: float, per_row: int, path: Path) -> None:
-    import postdiff
-
-    postdiff.apply(pipe, config)
-    images, _ = generate_per_class(pipe, per_row, 20, guidance, seed=123)
-    postdiff.remove(pipe)
-    tiles = (images[..., 0] * 255).round().astype(np.uint8).reshape(10, per_row, 32, 32)
-    grid = tiles.transpose(0, 2, 1, 3).reshape(10 * 32, per_row * 32)
-    Image.fromarray(grid).resize((per_row * 64, 10 * 64), Image.NEAREST).save(path)
 
 
 def main() -> None:
@@ -77,8 +66,8 @@ def main() -> None:
     lines += [f"| {r['label']} | {r['steps']} | {r['fd']:.2f} | {r['alignment']:.3f} | {r['macs'] / 1e9:.2f} | {r['macs'] / base['macs']:.0%} | {r['seconds']:.1f} |" for r in rows]
     lines.append(f"| real train images (floor) | | {floor:.2f} | | | | |")
     (args.out / "testbed_quality.md").write_text("\n".join(lines) + "\n")
-    class_grid(pipe, PostDiffConfig(), guidance, 8, args.out / "samples_baseline.png")
-    class_grid(pipe, PostDiffConfig.preset("paper", family="testbed"), guidance, 8, args.out / "samples_paper.png")
+    sample_grid(pipe, SweepPoint(PostDiffConfig(), 20), guidance, 8, args.out / "samples_baseline.png")
+    sample_grid(pipe, SweepPoint(PostDiffConfig.preset("paper", family="testbed"), 20), guidance, 8, args.out / "samples_paper.png")
     print("\n".join(lines))
 
 

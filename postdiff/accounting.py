@@ -124,13 +124,22 @@ class StepCost:
     attention_macs: float
 
     def value(self, convention: str) -> float:
-        return self.macs if convention == "macs" else 2 * (self.macs + self.attention_macs)
+        return in_convention(self.macs, self.attention_macs, convention)
+
+
+def in_convention(macs: float, attention_macs: float, convention: str) -> float:
+    return macs if convention == "macs" else 2 * (macs + attention_macs)
 
 
 def _count(model, inputs: dict) -> tuple[float, float]:
+    return _count_call(lambda: model(**inputs, return_dict=False))
+
+
+def _count_call(run) -> tuple[float, float]:
+    """(MACs without attention products, attention-product MACs) of `run()`."""
     counter = FlopCounterMode(display=False)
     with counter:
-        model(**inputs, return_dict=False)
+        run()
     by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
     attention = sum(by_op.get(name, 0) for name in ATTENTION_PRODUCTS)
     return (counter.get_total_flops() - attention) / 2, attention / 2
@@ -158,3 +167,44 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[
 
 def total(costs: list[StepCost], convention: str = "macs") -> float:
     return sum(cost.value(convention) for cost in costs)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A pipeline component run once per call, outside the denoising loop: the VAE decoder or a text encoder.
+
+    class_name: "AutoencoderKL" (diffusers), or a transformers text model ("CLIPTextModel",
+    "CLIPTextModelWithProjection", "T5EncoderModel"); config: its public config values."""
+
+    class_name: str
+    config: dict
+
+    @property
+    def is_vae(self) -> bool:
+        return self.class_name == "AutoencoderKL"
+
+    def cost(self, latent_hw: tuple[int, int], text_length: int, batch: int = 1) -> tuple[float, float]:
+        """(MACs, attention MACs): a decode of `batch` latents of `latent_hw`, or an encode of `batch` prompts."""
+        model = self._meta_model()
+        with torch.no_grad():
+            if self.is_vae:
+                latents = torch.empty(batch, self.config.get("latent_channels", 4), *latent_hw, device="meta")
+                return _count_call(lambda: model.decode(latents, return_dict=False))
+            input_ids = torch.zeros(batch, text_length, dtype=torch.int64, device="meta")
+            return _count_call(lambda: model(input_ids=input_ids))
+
+    def _meta_model(self) -> torch.nn.Module:
+        if self.is_vae:
+            from diffusers import AutoencoderKL
+
+            with torch.device("meta"):
+                model = AutoencoderKL.from_config(self.config)
+            model.set_attn_processor(AttnProcessor())
+            return model
+        import transformers
+
+        model_class = getattr(transformers, self.class_name)
+        config = model_class.config_class(**self.config)
+        config._attn_implementation = "eager"  # attention as matmuls the counter can see and separate
+        with torch.device("meta"):
+            return model_class(config)

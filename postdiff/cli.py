@@ -27,11 +27,29 @@ CONFIG_FLAGS = {
     "cache_branch": (Optional[int], typer.Option(None, help="DeepCache skip branch (0 = shallowest)")),
     "cfg_stop": (Optional[int], typer.Option(None, help="first step without CFG; cross-attention cached from there")),
     "ca_mode": (Optional[str], typer.Option(None, help="cross-attention cache: cond, ave, cfg or none")),
+    "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
+                                                "joined by +, e.g. 0.75@0.25; none = two-stage")),
 }
+
+
+def parse_progressive(text: str) -> tuple[tuple[float, float], ...]:
+    """"0.75@0.25" -> ((0.75, 0.25),); stages joined by "+"; "none" or "" -> () (the paper's two stages)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    stages = []
+    for stage in text.split("+"):
+        scale, at, fraction = stage.partition("@")
+        try:
+            stages.append((float(scale), float(fraction)))
+        except ValueError:
+            raise ConfigError(f"progressive={text!r} is not allowed: expected SCALE@FRACTION stages joined by +, e.g. 0.75@0.25") from None
+    return tuple(stages)
 
 
 def build_config(family: str, preset: str | None = None, **flags) -> PostDiffConfig:
     base = PostDiffConfig.preset(preset or "off", family=family)
+    if flags.get("progressive") is not None:
+        flags["progressive"] = parse_progressive(flags["progressive"])
     return base.with_changes(**{name: value for name, value in flags.items() if value is not None})
 
 
@@ -81,10 +99,14 @@ def flops(
     model: str = typer.Option("sd15-512", help="a shipped model name, testbed, or a local diffusers folder"),
     steps: int = typer.Option(20, help="num_inference_steps"),
     convention: str = typer.Option("macs", help="macs (paper, attention products excluded) or flops (everything)"),
+    with_vae: bool = typer.Option(False, "--with-vae", help="add the VAE decode of the image (once per call)"),
+    with_text: bool = typer.Option(False, "--with-text", help="add the text encoder(s): prompt, and negative prompt under CFG"),
+    no_cfg: bool = typer.Option(False, help="count for guidance_scale <= 1"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
 ):
-    """Per-step compute of the denoiser from the same plan the sampler runs (units of 10^12)."""
-    from .accounting import CONVENTIONS, plan_costs, total
+    """Per-step compute of one image from the same plan the sampler runs (units of 10^12); the denoiser only,
+    unless --with-text / --with-vae add the once-per-call components."""
+    from .accounting import CONVENTIONS, in_convention, plan_costs
     from .models import load_model_spec
     from .plan import make_plan
 
@@ -93,19 +115,26 @@ def flops(
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
     facts = spec.facts()
-    costs = plan_costs(spec.denoiser, make_plan(config, steps + facts.restart_repeats, facts))
+    plan = make_plan(config, steps + facts.restart_repeats, facts, do_cfg=not no_cfg)
+    components = spec.component_costs(with_vae, with_text, do_cfg=not no_cfg)
+    costs = plan_costs(spec.denoiser, plan)
     per_step = [cost.value(convention) / 1e12 for cost in costs]
+    per_component = {name: in_convention(*cost, convention) / 1e12 for name, cost in components.items()}
+    grand_total = sum(per_step) + sum(per_component.values())
     if as_json:
         print(json.dumps({"model": model, "config": config.to_dict(), "steps": steps, "convention": convention,
-                          "per_step": per_step, "total": sum(per_step)}))
+                          "per_step": per_step, "denoiser": sum(per_step), "components": per_component, "total": grand_total}))
         return
-    table = Table(title=f"{model}: {config.describe()} ({convention}, 10^12)")
+    table = Table(title=f"{model}: {config.describe()} ({convention}, 10^12, one image)")
     for column in ("step", "latent", "cfg", "unet", "cross-attn", convention):
         table.add_column(column, justify="right")
     for cost, value in zip(costs, per_step):
         s = cost.step
         table.add_row(str(s.index), f"{s.latent_hw[0]}x{s.latent_hw[1]}", "on" if s.cfg else "off", s.unet, s.cross_attention, f"{value:.4f}")
-    table.add_row("total", "", "", "", "", f"{total(costs, convention) / 1e12:.3f}")
+    table.add_row("denoiser", "", "", "", "", f"{sum(per_step):.3f}")
+    for name, value in per_component.items():
+        table.add_row(name, "", "", "", "", f"{value:.4f}")
+    table.add_row("total", "", "", "", "", f"{grand_total:.3f}")
     console.print(table)
 
 
@@ -170,6 +199,9 @@ def sweep(
     cfg_stop: str = typer.Option("none", help="comma list; none = CFG kept"),
     ca_mode: str = typer.Option("cond", help="comma list of cond, ave, cfg, none"),
     preset: str = typer.Option("", help="comma list of presets added to the grid"),
+    progressive: str = typer.Option("none", help="comma list of progressive schedules (SCALE@FRACTION joined by +; none)"),
+    external: list[str] = typer.Option([], help="repeatable: an external method at every step count, "
+                                       "e.g. tomesd:ratio=0.5 or deepcache-package:interval=2,branch=1"),
     per_class: int = typer.Option(20, min=2),
     seed: int = typer.Option(0),
     guidance_scale: float = typer.Option(3.0),
@@ -186,7 +218,8 @@ def sweep(
 
     try:
         points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
-                      _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p])
+                      _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p],
+                      progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external)
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
@@ -219,8 +252,8 @@ def calibrate(
 ):
     """Best configuration under a MACs budget on a small calibration set, confirmed on the full set."""
     from .evaluation.study import calibrate as run_calibration
-    from .evaluation.study import default_candidates, point_macs
-    from .evaluation.sweep import SweepContext, SweepPoint, SweepStore
+    from .evaluation.study import default_candidates
+    from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, point_macs
     from .testbed.evaluator import load_evaluator
     from .testbed.model import load_pipeline
 
@@ -243,27 +276,37 @@ def report(
     out: Path = typer.Option(Path("report")),
     per_class: Optional[int] = typer.Option(None, help="only rows with this many images per class"),
     trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5)"),
+    samples: bool = typer.Option(True, help="also draw sample grids of the baseline and the best rows under 40% and 65% of its MACs"),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(3.0),
 ):
-    """Pareto figures, trajectories, cross-attention ablation and a Markdown summary from a sweep store."""
-    from .evaluation.study import trajectory, write_report
+    """Pareto figures, trajectories, cross-attention ablation, sample grids and a Markdown summary from a sweep store."""
+    from .evaluation.study import chosen_rows, point_of, sample_grid, trajectory, write_report
     from .evaluation.sweep import SweepStore
 
     rows = [r for r in SweepStore(store).rows() if per_class is None or r["context"]["per_class"] == per_class]
     if not rows:
         console.print(f"[red]error:[/red] no rows in {store}")
         raise typer.Exit(2)
-    curves = None
-    if trajectories:
+    curves, grids = None, None
+    if trajectories or samples:
         from .testbed.evaluator import load_evaluator
         from .testbed.model import load_pipeline
 
-        pipe, evaluator = load_pipeline(), load_evaluator()
+        pipe = load_pipeline()
         pipe.set_progress_bar_config(disable=True)
+        out.mkdir(parents=True, exist_ok=True)
+    if trajectories:
+        evaluator = load_evaluator()
         curves = {f"switch {s}": trajectory(pipe, evaluator, PostDiffConfig(beta=0.5, switch=s) if s else PostDiffConfig(),
                                             steps, 10, guidance_scale) for s in (0, 0.25, 0.5)}
-    console.print(f"wrote {write_report(rows, out, curves)}")
+    if samples:
+        grids = {}
+        for index, (title, row) in enumerate(chosen_rows(rows).items()):
+            file_name = f"samples_{index}.png"
+            sample_grid(pipe, point_of(row), guidance_scale, 8, out / file_name)
+            grids[title] = (row, file_name)
+    console.print(f"wrote {write_report(rows, out, curves, grids)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounting import DenoiserSpec, meta_denoiser
+from .accounting import ComponentSpec, DenoiserSpec, meta_denoiser
 from .caching.deepcache import max_branch
 from .families.pixart import transformer_facts
 from .families.sd import restart_repeats, unet_size_multiple
@@ -24,6 +24,24 @@ class ModelSpec:
     denoiser: DenoiserSpec
     latent_hw: tuple[int, int]
     scheduler: str
+    vae: ComponentSpec | None = None
+    text_encoders: tuple[ComponentSpec, ...] = ()
+    negative_prompt_encoded: bool = True  # SDXL zeroes an empty negative prompt instead of encoding it
+
+    def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True) -> dict[str, tuple[float, float]]:
+        """(MACs, attention MACs) of one 1-image call's text encoding and VAE decode, by component name."""
+        if with_vae and self.vae is None:
+            raise ValueError(f"model={self.name!r} has no VAE (it denoises in pixel space): --with-vae does not apply")
+        if with_text and not self.text_encoders:
+            raise ValueError(f"model={self.name!r} names no text encoder config: --with-text does not apply")
+        costs = {}
+        prompts = 2 if do_cfg and self.negative_prompt_encoded else 1
+        for index, encoder in enumerate(self.text_encoders if with_text else ()):
+            name = f"text_encoder{'_' + str(index + 1) if index else ''} ({encoder.class_name}, {prompts} prompt{'s' * (prompts > 1)})"
+            costs[name] = encoder.cost(self.latent_hw, self.denoiser.text_length, batch=prompts)
+        if with_vae:
+            costs["vae decoder"] = self.vae.cost(self.latent_hw, self.denoiser.text_length)
+        return costs
 
     def facts(self) -> ModelFacts:
         model = meta_denoiser(self.denoiser)
@@ -48,22 +66,49 @@ def load_model_spec(name: str) -> ModelSpec:
         data = json.loads(shipped.read_text())
         side = data["resolution"] // data["vae_scale_factor"]
         denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"))
-        return ModelSpec(name, data["family"], denoiser, (side, side), data["scheduler"])
-    if Path(name, "unet", "config.json").exists():
+        texts = tuple(ComponentSpec(text["class"], text["config"]) for text in data.get("text_encoders", ()))
+        vae = ComponentSpec("AutoencoderKL", data["vae"]) if "vae" in data else None
+        return ModelSpec(name, data["family"], denoiser, (side, side), data["scheduler"], vae, texts,
+                         data.get("negative_prompt_encoded", True))
+    if any(Path(name, folder, "config.json").exists() for folder in ("unet", "transformer")):
         return _spec_from_folder(Path(name), name)
-    raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder with unet/config.json")
+    raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder "
+                     "with unet/config.json or transformer/config.json")
 
 
 def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> ModelSpec:
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    """A local pipeline folder: U-Net pipelines (SD 1.x/2.x, SDXL, the testbed) or PixArt-alpha/Sigma."""
     index = json.loads((folder / "model_index.json").read_text())
-    tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
-    text_length = json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
-    sample = unet_config["sample_size"]  # the U-Net's native latent size
+    pipeline_class = index.get("_class_name", "")
+    if (folder / "transformer" / "config.json").exists():
+        config = _read_config(folder / "transformer")
+        # PixArt's pipelines pad prompts to max_sequence_length: 120 tokens for alpha, 300 for Sigma.
+        denoiser = DenoiserSpec(config, 300 if "Sigma" in pipeline_class else 120, "pixart")
+        family = family or "pixart"
+    else:
+        config = _read_config(folder / "unet")
+        tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
+        text_length = json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
+        denoiser = DenoiserSpec(config, min(text_length, 77))
+        family = family or ("sdxl" if "XL" in pipeline_class else "sd")
+    sample = config["sample_size"]  # the denoiser's native latent size
     side = sample if isinstance(sample, int) else sample[0]
-    family = family or ("sdxl" if "XL" in index.get("_class_name", "") else "sd")
     scheduler = index.get("scheduler", [None, "DDIMScheduler"])[1]
-    return ModelSpec(name, family, DenoiserSpec(unet_config, min(text_length, 77)), (side, side), scheduler)
+    texts = tuple(_component(folder / part) for part in ("text_encoder", "text_encoder_2") if (folder / part / "config.json").exists())
+    vae = _component(folder / "vae") if (folder / "vae" / "config.json").exists() else None
+    negative_encoded = not (family == "sdxl" and index.get("force_zeros_for_empty_prompt", True))
+    return ModelSpec(name, family, denoiser, (side, side), scheduler, vae, texts, negative_encoded)
+
+
+def _read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _component(folder: Path) -> ComponentSpec:
+    config = _read_config(folder)
+    class_name = config.get("_class_name") or config["architectures"][0]
+    public = {key: value for key, value in config.items() if not key.startswith("_") and key not in ("architectures", "transformers_version")}
+    return ComponentSpec(class_name, public)
 
 
 def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:

@@ -120,3 +120,63 @@ def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
     }
     for flags, paper in rows.items():
         assert _flops_json("--model", "sd21-768", *flags)["total"] == pytest.approx(paper, rel=5e-4), flags
+
+
+def _real_macs(run) -> float:
+    from postdiff.accounting import _count_call
+
+    return _count_call(run)[0]
+
+
+@pytest.mark.parametrize("builder", ["sd", "sdxl"])
+def test_text_encoders_and_vae_of_a_local_folder_cost_what_the_real_components_cost(model_dir, tmp_path, builder):
+    import torch
+
+    from postdiff.models import load_model_spec
+
+    pipe = sd_pipeline(model_dir) if builder == "sd" else sdxl_pipeline(model_dir)
+    if builder == "sdxl":
+        pipe.register_to_config(force_zeros_for_empty_prompt=True)  # SDXL's default: the empty negative is zeros
+    pipe.save_pretrained(tmp_path / "pipe")
+    spec = load_model_spec(str(tmp_path / "pipe"))
+    costs = spec.component_costs(with_vae=True, with_text=True)
+    pipe.vae.set_attn_processor(AttnProcessor())
+    latent = torch.zeros(1, pipe.vae.config.latent_channels, *spec.latent_hw)
+    assert costs["vae decoder"][0] == _real_macs(lambda: pipe.vae.decode(latent))
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if builder == "sdxl" else [])
+    prompts = 2 if builder == "sd" else 1  # SDXL's empty negative prompt is not encoded
+    ids = torch.zeros(prompts, spec.denoiser.text_length, dtype=torch.int64)
+    text_costs = [value[0] for name, value in costs.items() if name.startswith("text_encoder")]
+    assert text_costs == [_real_macs(lambda e=encoder: e(input_ids=ids)) for encoder in encoders]
+
+
+def test_flops_cli_adds_text_and_vae_once_per_call_and_refuses_them_where_a_model_has_none():
+    plain = _flops_json("--model", "sd15-512", "--steps", "8")
+    full = _flops_json("--model", "sd15-512", "--steps", "8", "--with-vae", "--with-text")
+    big = _flops_json("--model", "sd21-768", "--steps", "20", "--preset", "paper", "--with-vae", "--with-text")
+    assert full["denoiser"] == plain["total"] and full["total"] == pytest.approx(full["denoiser"] + sum(full["components"].values()))
+    vae_512, vae_768 = full["components"]["vae decoder"], big["components"]["vae decoder"]
+    assert vae_768 == pytest.approx(vae_512 * (768 / 512) ** 2, rel=1e-9)  # convolutions and projections scale with pixels
+    assert vae_512 == pytest.approx(1.24, rel=0.01)  # the SD VAE decoder's well-known ~1.24 TMACs at 512 px
+    xl = _flops_json("--model", "sdxl-1024", "--with-text")
+    assert [name.split(" ")[0] for name in xl["components"]] == ["text_encoder", "text_encoder_2"]
+    result = CliRunner().invoke(app, ["flops", "--model", "testbed", "--with-vae"])
+    assert result.exit_code == 2 and "has no VAE" in result.output
+
+
+def test_a_local_pixart_folder_is_counted_like_the_pipeline_it_holds(tmp_path):
+    from test_pixart import pixart_pipeline
+
+    from postdiff.models import load_model_spec
+
+    pipe = pixart_pipeline("sigma")
+    pipe.save_pretrained(tmp_path / "pixart")
+    spec = load_model_spec(str(tmp_path / "pixart"))
+    assert spec.family == "pixart" and spec.denoiser.kind == "pixart" and spec.denoiser.text_length == 300
+    config = PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2)
+    planned = postdiff.apply(pipe, config)
+    plan = postdiff.plan_call(planned, "a cat", num_inference_steps=6, height=64, width=64)
+    from_folder = total(plan_costs(spec.denoiser, plan))
+    from_pipeline = total(plan_costs(spec_from_pipeline(pipe).denoiser, plan))
+    assert from_folder == from_pipeline > 0
+    assert "T5EncoderModel" in next(iter(spec.component_costs(with_vae=False, with_text=True)))

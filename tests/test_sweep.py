@@ -31,6 +31,58 @@ def test_grid_leaves_out_invalid_and_duplicate_points():
     assert SweepPoint(PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2), 8) in points
 
 
+def test_grid_adds_progressive_schedules_only_after_a_switch_and_externals_at_every_step_count():
+    points = grid([8, 10], betas=[1.0, 0.5], switches=[0, 0.25], progressives=[(), ((0.75, 0.25),)], externals=["tomesd:ratio=0.5"])
+    progressive = [p for p in points if p.config.progressive]
+    assert [p.config for p in progressive] == [PostDiffConfig(beta=0.5, switch=0.25, progressive=((0.75, 0.25),))] * 2
+    assert [(p.steps, p.external) for p in points if p.external] == [(8, "tomesd:ratio=0.5"), (10, "tomesd:ratio=0.5")]
+    assert len(points) == 2 * 3 + 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tome:ratio=0.5", "expected one of tomesd, deepcache-package"),
+    ("tomesd:rate=0.5", "'rate' is not allowed for tomesd"),
+    ("tomesd:ratio=half", "ratio='half' is not a float"),
+    ("deepcache-package:branch=1", "missing interval"),
+])
+def test_external_specs_are_checked_before_anything_runs(spec, message):
+    from postdiff.config import ConfigError
+    from postdiff.evaluation.baselines import ExternalMethod
+
+    with pytest.raises(ConfigError, match=message):
+        ExternalMethod.parse(spec)
+
+
+def test_sweep_cli_rejects_a_bad_progressive_schedule_before_loading_anything(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "postdiff.cli", "sweep", "--progressive", "0.75", "--store", str(tmp_path / "s.jsonl")],
+                            env=environment(), capture_output=True, text=True)
+    assert result.returncode == 2 and "progressive='0.75' is not allowed" in result.stdout
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_measured_macs_equal_the_plan_and_external_methods_are_measured_the_same_way(model_dir):
+    from tiny import sd_pipeline
+
+    import postdiff
+    from postdiff.evaluation.baselines import ExternalMethod, measured_denoiser_macs
+    from postdiff.models import plan_macs_per_image
+
+    pipe = sd_pipeline(model_dir)
+    arguments = dict(prompt="a cat", num_inference_steps=6, guidance_scale=5.0, output_type="np")
+    for config in (PostDiffConfig(), PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=4)):
+        postdiff.apply(pipe, config)
+        assert measured_denoiser_macs(pipe, **arguments) == plan_macs_per_image(pipe, postdiff.plan_call(pipe, **arguments))
+        postdiff.remove(pipe)
+    off = measured_denoiser_macs(pipe, **arguments)
+    with ExternalMethod.parse("tomesd:ratio=0.5").applied(pipe):
+        merged = measured_denoiser_macs(pipe, **arguments)
+    with ExternalMethod.parse("deepcache-package:interval=2,branch=1").applied(pipe):
+        deepcache_package = measured_denoiser_macs(pipe, **arguments)
+    postdiff.apply(pipe, PostDiffConfig(cache_interval=2))
+    ours = plan_macs_per_image(pipe, postdiff.plan_call(pipe, **arguments))
+    assert merged < off and deepcache_package == ours  # same branch, same shallow work
+
+
 def test_store_drops_a_line_cut_by_a_kill(tmp_path):
     path = tmp_path / "store.jsonl"
     path.write_text('{"key": "a"}\n{"key": "b", "fd": 1')
@@ -57,7 +109,9 @@ def test_sigkilled_sweep_resumes_without_loss_duplicates_or_recomputation(tmp_pa
 
 def test_two_processes_give_the_same_rows_as_one(tmp_path):
     pytest.importorskip("accelerate")
-    arguments = ["--steps", "2", "--beta", "0.5", "--switch", "0.5", "--cache-interval", "1", "--per-class", "2"]
+    # tomesd draws random partitions of its own: re-seeded per prompt, so sharding must not change it either.
+    arguments = ["--steps", "2", "--beta", "0.5", "--switch", "0.5", "--cache-interval", "1", "--per-class", "2",
+                 "--external", "tomesd:ratio=0.5"]
     single = tmp_path / "single.jsonl"
     subprocess.run([sys.executable, "-m", "postdiff.cli", "sweep", *arguments, "--store", str(single)], env=environment(), check=True, capture_output=True)
     sharded = tmp_path / "sharded.jsonl"
@@ -65,13 +119,16 @@ def test_two_processes_give_the_same_rows_as_one(tmp_path):
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "postdiff.cli", "sweep", *arguments, "--store", str(sharded)]
     subprocess.run(launch, env=environment(), check=True, capture_output=True)
     one, two = SweepStore(single).rows(), SweepStore(sharded).rows()
-    assert len(one) == len(two) == 1
-    for key in ("key", "fd", "alignment", "macs", "num_images"):
-        assert one[0][key] == two[0][key], key
+    assert len(one) == len(two) == 2
+    for row_one, row_two in zip(one, two):
+        for key in ("key", "fd", "alignment", "macs", "num_images"):
+            assert row_one[key] == row_two[key], key
 
 
 def test_calibration_and_report_on_a_small_grid(tmp_path):
-    from postdiff.evaluation.study import calibrate, write_report
+    from PIL import Image
+
+    from postdiff.evaluation.study import calibrate, chosen_rows, point_of, sample_grid, write_report
     from postdiff.evaluation.sweep import run_sweep
     from postdiff.testbed.evaluator import load_evaluator
     from postdiff.testbed.model import load_pipeline
@@ -86,6 +143,11 @@ def test_calibration_and_report_on_a_small_grid(tmp_path):
     assert result["calibration_images"] == 3 * 20 and -1 <= result["spearman_fd"] <= 1
     assert result["best_full"]["macs"] <= 2e9
     rows = run_sweep(pipe, evaluator, candidates, store, full)
-    report = write_report(rows, tmp_path / "report")
+    chosen = chosen_rows(rows, budget_fractions=(0.5,))
+    assert chosen["baseline"]["steps"] == 4 and chosen["baseline"]["config"]["switch"] == 0
+    assert chosen["cheaper steps at 50%"]["macs"] <= 0.5 * chosen["baseline"]["macs"]
+    sample_grid(pipe, point_of(chosen["cheaper steps at 50%"]), 3.0, 2, tmp_path / "grid.png")
+    report = write_report(rows, tmp_path / "report", grids={"cheaper": (chosen["cheaper steps at 50%"], "../grid.png")})
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 1000
-    assert report.read_text().count("\n| ") >= 4
+    assert Image.open(tmp_path / "grid.png").size == (2 * 64, 10 * 64)
+    assert report.read_text().count("\n| ") >= 4 and "](../grid.png)" in report.read_text()

@@ -30,11 +30,14 @@ class QualityResult:
 
 
 def generate_per_class(pipe, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
-                       classes: range | list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` images of "a photo of a NAME" for each class, one call per class seeded `seed + class`."""
+                       classes: range | list[int] | None = None, before_call=None) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` images of "a photo of a NAME" for each class, one call per class seeded `seed + class`
+    (`before_call(seed)` first, when given: external methods with random state of their own re-seed there)."""
     classes = list(classes if classes is not None else range(len(CLASS_NAMES)))
     images, labels = [], []
     for label in classes:
+        if before_call is not None:
+            before_call(seed + label)
         output = pipe(canonical_prompt(label), negative_prompt="", num_images_per_prompt=per_class, num_inference_steps=steps,
                       guidance_scale=guidance_scale, output_type="np", generator=torch.Generator().manual_seed(seed + label))
         images.append(output.images)

@@ -12,18 +12,8 @@ from scipy.stats import spearmanr
 
 from .. import api
 from ..config import PostDiffConfig
-from ..models import plan_macs_per_image
 from ..testbed.text import canonical_prompt
-from .sweep import SweepContext, SweepPoint, SweepStore, grid, run_sweep
-
-
-def point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
-    api.apply(pipe, point.config)
-    try:
-        plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=point.steps, guidance_scale=guidance_scale)
-    finally:
-        api.remove(pipe)
-    return plan_macs_per_image(pipe, plan)
+from .sweep import SweepContext, SweepPoint, SweepStore, grid, point_macs, run_sweep
 
 
 def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
@@ -74,7 +64,8 @@ def pareto_front(rows: list[dict], metric: str = "fd", lower_is_better: bool = T
 
 
 def is_fewer_steps_only(row: dict) -> bool:
-    return PostDiffConfig(**{**row["config"], "progressive": tuple(map(tuple, row["config"]["progressive"]))}).is_off
+    point = point_of(row)
+    return not point.external and point.config.is_off
 
 
 def pareto_figure(rows: list[dict], path: Path) -> None:
@@ -153,7 +144,42 @@ def trajectory_figure(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None) -> Path:
+def sample_grid(pipe, point: SweepPoint, guidance_scale: float, per_row: int, path: Path, seed: int = 123) -> None:
+    """One row per class, `per_row` images each, 2x nearest upscale (the embedded model's 32 px images)."""
+    from PIL import Image
+
+    from .quality import generate_per_class
+
+    with point.applied(pipe) as before_call:
+        images, _ = generate_per_class(pipe, per_row, point.steps, guidance_scale, seed, before_call=before_call)
+    tiles = (images[..., 0] * 255).round().astype(np.uint8).reshape(10, per_row, 32, 32)
+    grid = tiles.transpose(0, 2, 1, 3).reshape(10 * 32, per_row * 32)
+    Image.fromarray(grid).resize((per_row * 64, 10 * 64), Image.NEAREST).save(path)
+
+
+def chosen_rows(rows: list[dict], budget_fractions=(0.4, 0.65)) -> dict[str, dict]:
+    """The 20-step-style baseline (the costliest fewer-steps row) and, under each budget, the best-FD
+    fewer-steps row and the best-FD cheaper-steps row: the pairs the sample grids put side by side."""
+    fewer = [r for r in rows if is_fewer_steps_only(r)]
+    base = max(fewer, key=lambda r: r["macs"])
+    chosen = {"baseline": base}
+    for fraction in budget_fractions:
+        budget = fraction * base["macs"] * (1 + 1e-9)
+        for name, group in (("fewer steps", fewer), ("cheaper steps", [r for r in rows if not is_fewer_steps_only(r)])):
+            affordable = [r for r in group if r["macs"] <= budget]
+            if affordable:
+                chosen[f"{name} at {fraction:.0%}"] = min(affordable, key=lambda r: r["fd"])
+    return chosen
+
+
+def point_of(row: dict) -> SweepPoint:
+    config = PostDiffConfig(**{**row["config"], "progressive": tuple(map(tuple, row["config"]["progressive"]))})
+    return SweepPoint(config, row["steps"], row.get("external", ""))
+
+
+def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None,
+                 grids: dict[str, tuple[dict, str]] | None = None) -> Path:
+    """Figures and report.md; `grids` maps a title to (row, PNG file name) of sample grids already drawn in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     pareto_figure(rows, out / "pareto.png")
     if curves:
@@ -168,6 +194,10 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
         share = f"{row['macs'] / base['macs']:.0%}" if base else ""
         lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
     lines += ["", "## Cross-attention cache modes", "", ca_ablation_table(rows), ""]
+    if grids:
+        lines += ["## Samples (one row per class)", ""]
+        for title, (row, file_name) in grids.items():
+            lines += [f"**{title}**: {row['describe']} (FD {row['fd']:.2f}, {row['macs'] / 1e9:.2f} GMACs)", "", f"![{title}]({file_name})", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -11,6 +11,7 @@ the images, scores and writes; so 1 process and N processes give the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -20,21 +21,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import api
 from ..config import PostDiffConfig
 from ..models import plan_macs_per_image
 from ..testbed.text import canonical_prompt
+from .baselines import ExternalMethod, measured_denoiser_macs
 from .quality import generate_per_class
 
 
 @dataclass(frozen=True)
 class SweepPoint:
+    """A configuration at a step count; `external` names an external method instead (see baselines.py)."""
+
     config: PostDiffConfig
     steps: int
+    external: str = ""
 
     def describe(self) -> str:
-        return f"{self.steps} steps, {self.config.describe()}"
+        return f"{self.steps} steps, {self.external or self.config.describe()}"
+
+    @contextlib.contextmanager
+    def applied(self, pipe):
+        """PostDiff's config, or the external method, on `pipe`; yields a callable run before each seeded call."""
+        if self.external:
+            with ExternalMethod.parse(self.external).applied(pipe) as before_call:
+                yield before_call
+            return
+        api.apply(pipe, self.config)
+        try:
+            yield lambda seed: None
+        finally:
+            api.remove(pipe)
 
 
 @dataclass(frozen=True)
@@ -50,19 +69,26 @@ class SweepContext:
 
 
 def point_key(point: SweepPoint, context: SweepContext) -> str:
-    payload = json.dumps({"config": point.config.to_dict(), "steps": point.steps, "context": context.__dict__}, sort_keys=True)
+    identity = {"config": point.config.to_dict(), "steps": point.steps, "context": context.__dict__}
+    if point.external:
+        identity["external"] = point.external
+    payload = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
-         presets=(), family: str = "testbed") -> list[SweepPoint]:
-    """The cartesian grid, with invalid combinations (switch without beta < 1) left out and duplicates merged."""
+         presets=(), family: str = "testbed", progressives=((),), externals=()) -> list[SweepPoint]:
+    """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
+    switch) left out and duplicates merged; presets and external methods are added at every step count."""
     points = []
-    for n, beta, switch, interval, stop, mode in itertools.product(steps, betas, switches, cache_intervals, cfg_stops, ca_modes):
-        if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]):
+    for n, beta, switch, interval, stop, mode, stages in itertools.product(
+            steps, betas, switches, cache_intervals, cfg_stops, ca_modes, progressives):
+        if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch):
             continue
-        points.append(SweepPoint(PostDiffConfig(beta=beta, switch=switch, cache_interval=interval, cfg_stop=stop, ca_mode=mode), n))
+        config = PostDiffConfig(beta=beta, switch=switch, cache_interval=interval, cfg_stop=stop, ca_mode=mode, progressive=stages)
+        points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
+    points += [SweepPoint(PostDiffConfig(), n, ExternalMethod.parse(spec).spec) for spec in externals for n in steps]
     return list(dict.fromkeys(points))
 
 
@@ -98,27 +124,38 @@ def score_point(pipe, evaluator, point: SweepPoint, context: SweepContext, state
     """Generate this process's share of the classes; on the main process gather, score and return the row."""
     from accelerate.utils import gather_object
 
-    api.apply(pipe, point.config)
-    try:
-        plan = api.plan_call(pipe, canonical_prompt(0), num_inference_steps=point.steps, guidance_scale=context.guidance_scale)
+    with point.applied(pipe) as before_call:
+        macs = applied_point_macs(pipe, point, context.guidance_scale)
         started = time.perf_counter()
         with state.split_between_processes(list(context.classes)) as my_classes:
-            images, labels = generate_per_class(pipe, context.per_class, point.steps, context.guidance_scale, context.seed, my_classes)
+            images, labels = generate_per_class(pipe, context.per_class, point.steps, context.guidance_scale, context.seed,
+                                                my_classes, before_call)
         seconds = time.perf_counter() - started
-    finally:
-        api.remove(pipe)
     shards = gather_object([(images, labels, seconds)])
     if not state.is_main_process:
         return None
     images = np.concatenate([shard[0] for shard in shards])
     labels = np.concatenate([shard[1] for shard in shards])
-    macs = plan_macs_per_image(pipe, plan)
     return {
-        "key": point_key(point, context), "config": point.config.to_dict(), "describe": point.describe(),
+        "key": point_key(point, context), "config": point.config.to_dict(), "external": point.external, "describe": point.describe(),
         "steps": point.steps, "context": context.__dict__, "fd": evaluator.frechet_distance(images),
         "alignment": evaluator.alignment(images, labels), "macs": macs,
         "seconds": sum(shard[2] for shard in shards), "num_images": int(len(images)),
     }
+
+
+def point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
+    with point.applied(pipe):
+        return applied_point_macs(pipe, point, guidance_scale)
+
+
+def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
+    """Denoiser MACs per image of `point`, with its method already applied to `pipe`: from PostDiff's plan, or
+    measured for an external method."""
+    arguments = dict(prompt=canonical_prompt(0), negative_prompt="", num_inference_steps=point.steps, guidance_scale=guidance_scale)
+    if point.external:
+        return measured_denoiser_macs(pipe, **arguments, output_type="np", generator=torch.Generator().manual_seed(0))
+    return plan_macs_per_image(pipe, api.plan_call(pipe, **arguments))
 
 
 def run_sweep(pipe, evaluator, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
