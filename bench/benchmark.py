@@ -4,7 +4,10 @@
     python bench/benchmark.py --workload sd15-256 --repeats 1 --device cuda
 
 Every (workload, configuration) runs in its own process, so peak memory (max RSS on CPU, max allocated on
-CUDA) is that configuration's alone. Each run does a warm-up call and `repeats` timed calls (median).
+CUDA) is that configuration's alone. Each process does a warm-up call and `repeats` timed calls. With
+`--rounds R` the whole list of configurations is run R times, in alternating order, and the median is taken
+over all timed calls of all rounds: slow drift or a burst of other load on the machine then falls on every
+configuration alike instead of on one.
 Speedups and MACs ratios are against the plain diffusers pipeline measured in the same invocation.
 Workloads: the embedded model (32 px, 8 images), and an SD 1.5-size U-Net with random weights (real SD
 text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps with CFG.
@@ -120,18 +123,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_all(workloads: list[str], configs: list[str], repeats: int, device: str, out: Path) -> list[dict]:
+def run_all(workloads: list[str], configs: list[str], repeats: int, device: str, out: Path, rounds: int = 1) -> list[dict]:
     rows = []
     for workload in workloads:
-        for config_name in configs:
-            command = [sys.executable, __file__, "--worker", workload, config_name, "--repeats", str(repeats), "--device", device]
-            result = subprocess.run(command, check=True, capture_output=True, text=True)
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(f"{workload:>9} {config_name:>12}: {rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {name: [] for name in configs}
+        for round_index in range(rounds):
+            for config_name in configs if round_index % 2 == 0 else configs[::-1]:
+                command = [sys.executable, __file__, "--worker", workload, config_name, "--repeats", str(repeats), "--device", device]
+                result = subprocess.run(command, check=True, capture_output=True, text=True)
+                runs[config_name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                print(f"{workload:>9} {config_name:>12} round {round_index}: {runs[config_name][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
+        rows += [merge_rounds(runs[name]) for name in configs]
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(rows, indent=1))
     (out / "benchmark.md").write_text(markdown(rows, device))
     return rows
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row per configuration: median over every timed call of every round, the highest peak memory."""
+    merged = dict(runs[0])
+    merged["all_seconds"] = [seconds for run in runs for seconds in run["all_seconds"]]
+    merged["seconds"] = statistics.median(merged["all_seconds"])
+    merged["peak_bytes"] = max(run["peak_bytes"] for run in runs)
+    merged["rounds"] = len(runs)
+    return merged
 
 
 def markdown(rows: list[dict], device: str) -> str:
@@ -150,7 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", action="append", choices=WORKLOADS, help="repeatable; default: testbed")
     parser.add_argument("--config", action="append", choices=list(CONFIGS), help="repeatable; default: all")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of the whole configuration list, alternating order")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
@@ -161,7 +178,7 @@ def main() -> None:
     configs = args.config or list(CONFIGS)
     if "diffusers" not in configs:
         configs.insert(0, "diffusers")
-    run_all(args.workload or ["testbed"], configs, args.repeats, args.device, args.out)
+    run_all(args.workload or ["testbed"], configs, args.repeats, args.device, args.out, args.rounds)
     print((args.out / "benchmark.md").read_text())
 
 

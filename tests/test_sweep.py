@@ -83,10 +83,10 @@ def test_measured_macs_equal_the_plan_and_external_methods_are_measured_the_same
     assert merged < off and deepcache_package == ours  # same branch, same shallow work
 
 
-def test_store_drops_a_line_cut_by_a_kill(tmp_path):
+def test_store_drops_a_line_cut_by_a_kill_and_keeps_the_first_of_duplicate_rows(tmp_path):
     path = tmp_path / "store.jsonl"
-    path.write_text('{"key": "a"}\n{"key": "b", "fd": 1')
-    assert [row["key"] for row in SweepStore(path).rows()] == ["a"]
+    path.write_text('{"key": "a", "fd": 1}\n{"key": "b", "fd": 2}\n{"key": "a", "fd": 3}\n{"key": "c", "fd": 1')
+    assert [(row["key"], row["fd"]) for row in SweepStore(path).rows()] == [("a", 1), ("b", 2)]
 
 
 def test_sigkilled_sweep_resumes_without_loss_duplicates_or_recomputation(tmp_path):

@@ -106,9 +106,16 @@ class SweepStore:
             self.path.write_bytes(raw[: raw.rfind(b"\n") + 1])
 
     def rows(self) -> list[dict]:
+        """Every stored row once: if two processes sweeping into the same store both scored a point, the
+        first row written is the one kept."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        first: dict[str, dict] = {}
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                first.setdefault(row["key"], row)
+        return list(first.values())
 
     def keys(self) -> set[str]:
         return {row["key"] for row in self.rows()}
