@@ -4,6 +4,7 @@ fields of PostDiffConfig (`--beta`, `--switch`, `--cache-interval`, `--cache-bra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -185,6 +186,20 @@ def evaluate(
                   f"{result.macs / 1e9:.3f} GMACs/image, {result.seconds:.1f} s for {10 * per_class} images")
 
 
+@contextlib.contextmanager
+def progress_bars():
+    """Yields `progress(total) -> advance`: one bar per sweep pass, with the time left (on stderr)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bars:
+        def start(total: int):
+            task = bars.add_task(f"pass {len(bars.tasks) + 1}", total=total)
+            return lambda: bars.advance(task)
+
+        yield start
+
+
 def _values(text: str, convert) -> list:
     return [None if item.strip().lower() == "none" else convert(item) for item in text.split(",") if item.strip()]
 
@@ -210,8 +225,6 @@ def sweep(
     """Score a grid of configurations (FD, alignment, MACs, wall time) on the embedded model; resumable.
 
     Run it under `accelerate launch --num_processes N` to shard the generation."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .evaluation.sweep import SweepContext, SweepStore, grid, point_key, run_sweep
     from .testbed.evaluator import load_evaluator
     from .testbed.model import load_pipeline
@@ -230,10 +243,8 @@ def sweep(
     done = sweep_store.keys()
     todo = sum(point_key(point, context) not in done for point in points)
     console.print(f"{len(points)} points, {len(points) - todo} already in {store}, {todo} to score")
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("sweep", total=todo)
-        rows = run_sweep(pipe, load_evaluator(), points, sweep_store, context, progress=lambda point: progress.advance(task))
+    with progress_bars() as progress:
+        rows = run_sweep(pipe, load_evaluator(), points, sweep_store, context, progress=progress)
     for row in sorted(rows, key=lambda r: r["macs"]):
         print(f"{row['describe']:<60} FD {row['fd']:7.2f}  align {row['alignment']:.3f}  {row['macs'] / 1e9:6.2f} GMACs")
 
@@ -266,7 +277,9 @@ def calibrate(
         budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale)
     calibration = SweepContext(model=str(model or "testbed"), prompt_set="calibration", per_class=calibration_per_class, seed=1000, guidance_scale=guidance_scale)
     full = SweepContext(model=str(model or "testbed"), per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
-    result = run_calibration(pipe, load_evaluator(), SweepStore(store), budget_macs, default_candidates(max_steps), calibration, full)
+    with progress_bars() as progress:
+        result = run_calibration(pipe, load_evaluator(), SweepStore(store), budget_macs, default_candidates(max_steps),
+                                 calibration, full, progress)
     print(json.dumps(result, indent=1, default=str))
 
 

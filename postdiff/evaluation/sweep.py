@@ -166,18 +166,21 @@ def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
 
 
 def run_sweep(pipe, evaluator, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
-    """Score every point not in the store yet; returns the store's rows for `points` (old and new)."""
+    """Score every point not in the store yet; returns the store's rows for `points` (old and new).
+
+    `progress(total)`, when given, is called once with the number of points to score and returns a
+    callable run after each of them (the CLI's progress bar)."""
     from accelerate import PartialState
 
     state = PartialState()
     done = store.keys()
     todo = [point for point in points if point_key(point, context) not in done]
+    advance = progress(len(todo)) if progress is not None else (lambda: None)
     for point in todo:
         row = score_point(pipe, evaluator, point, context, state)
         if row is not None:
             store.append(row)
-        if progress is not None:
-            progress(point)
+        advance()
     state.wait_for_everyone()
     wanted = {point_key(point, context) for point in points}
     return [row for row in store.rows() if row["key"] in wanted]
