@@ -186,6 +186,30 @@ def evaluate(
                   f"{result.macs / 1e9:.3f} GMACs/image, {result.seconds:.1f} s for {10 * per_class} images")
 
 
+MODEL_HELP = "a testbed folder (default: the shipped model), or any supported pipeline (folder or hub id) with --prompts"
+PROMPTS_HELP = "a text file, one prompt per line (pipelines other than the embedded model)"
+REFERENCE_HELP = "a folder of reference images for FID (with --prompts)"
+CLIP_HELP = "CLIP model for the CLIP score (with --prompts): hub id or folder"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def open_workload(model: str | None, prompts: Path | None, reference: Path | None, clip_model: str):
+    """(pipeline, workload): the embedded model's classes, or a prompt file scored by FID and CLIP score.
+    Arguments are checked before any model is loaded."""
+    from .evaluation.workloads import FashionClasses, PromptFile
+    from .generate import _is_testbed_folder, load_pipeline
+
+    testbed = model is None or _is_testbed_folder(model)
+    if testbed and (prompts or reference):
+        raise ValueError("--prompts and --reference are for pipelines other than the embedded model (give --model)")
+    if not testbed and not (prompts and reference):
+        raise ValueError(f"model={model!r} is not the embedded model: give --prompts FILE and --reference DIR to score it")
+    workload = FashionClasses() if testbed else PromptFile(prompts, reference, clip_model=clip_model)
+    pipe, _ = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, workload
+
+
 @contextlib.contextmanager
 def progress_bars():
     """Yields `progress(total) -> advance`: one bar per sweep pass, with the time left (on stderr)."""
@@ -217,34 +241,35 @@ def sweep(
     progressive: str = typer.Option("none", help="comma list of progressive schedules (SCALE@FRACTION joined by +; none)"),
     external: list[str] = typer.Option([], help="repeatable: an external method at every step count, "
                                        "e.g. tomesd:ratio=0.5 or deepcache-package:interval=2,branch=1"),
-    per_class: int = typer.Option(20, min=2),
+    per_class: int = typer.Option(20, min=2, help="images per prompt"),
     seed: int = typer.Option(0),
     guidance_scale: float = typer.Option(3.0),
-    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    reference: Optional[Path] = typer.Option(None, help=REFERENCE_HELP),
+    clip_model: str = typer.Option(DEFAULT_CLIP, help=CLIP_HELP),
 ):
-    """Score a grid of configurations (FD, alignment, MACs, wall time) on the embedded model; resumable.
+    """Score a grid of configurations (FD, alignment, MACs, wall time); resumable. The embedded model by
+    default; any supported pipeline with --model, --prompts and --reference (FID and CLIP score).
 
     Run it under `accelerate launch --num_processes N` to shard the generation."""
     from .evaluation.sweep import SweepContext, SweepStore, grid, point_key, run_sweep
-    from .testbed.evaluator import load_evaluator
-    from .testbed.model import load_pipeline
 
     try:
         points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
                       _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p],
                       progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external)
+        pipe, workload = open_workload(model, prompts, reference, clip_model)
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    context = SweepContext(model=str(model or "testbed"), per_class=per_class, seed=seed, guidance_scale=guidance_scale)
+    context = SweepContext.for_workload(workload, str(model or "testbed"), per_class=per_class, seed=seed, guidance_scale=guidance_scale)
     sweep_store = SweepStore(store)
     done = sweep_store.keys()
     todo = sum(point_key(point, context) not in done for point in points)
     console.print(f"{len(points)} points, {len(points) - todo} already in {store}, {todo} to score")
     with progress_bars() as progress:
-        rows = run_sweep(pipe, load_evaluator(), points, sweep_store, context, progress=progress)
+        rows = run_sweep(pipe, workload, points, sweep_store, context, progress=progress)
     for row in sorted(rows, key=lambda r: r["macs"]):
         print(f"{row['describe']:<60} FD {row['fd']:7.2f}  align {row['alignment']:.3f}  {row['macs'] / 1e9:6.2f} GMACs")
 
@@ -256,29 +281,36 @@ def calibrate(
     budget_fraction: Optional[float] = typer.Option(None, help="or: a fraction of the 20-step baseline's MACs"),
     store: Path = typer.Option(Path("runs/sweep.jsonl")),
     max_steps: int = typer.Option(20),
-    calibration_per_class: int = typer.Option(10, min=2),
-    full_per_class: int = typer.Option(100, min=2),
+    calibration_per_class: int = typer.Option(10, min=2, help="images per prompt on the calibration set (seeds from 1000)"),
+    full_per_class: int = typer.Option(100, min=2, help="images per prompt on the full set (seeds from 0)"),
     guidance_scale: float = typer.Option(3.0),
-    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    reference: Optional[Path] = typer.Option(None, help=REFERENCE_HELP),
+    clip_model: str = typer.Option(DEFAULT_CLIP, help=CLIP_HELP),
 ):
     """Best configuration under a MACs budget on a small calibration set, confirmed on the full set."""
+    from dataclasses import replace
+
     from .evaluation.study import calibrate as run_calibration
     from .evaluation.study import default_candidates
     from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, point_macs
-    from .testbed.evaluator import load_evaluator
-    from .testbed.model import load_pipeline
+    from .evaluation.workloads import FashionClasses
 
-    if (budget_macs is None) == (budget_fraction is None):
-        console.print("[red]error:[/red] give exactly one of --budget-macs and --budget-fraction")
+    try:
+        if (budget_macs is None) == (budget_fraction is None):
+            raise ValueError("give exactly one of --budget-macs and --budget-fraction")
+        pipe, workload = open_workload(model, prompts, reference, clip_model)
+    except (ConfigError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
     if budget_fraction is not None:
-        budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale)
-    calibration = SweepContext(model=str(model or "testbed"), prompt_set="calibration", per_class=calibration_per_class, seed=1000, guidance_scale=guidance_scale)
-    full = SweepContext(model=str(model or "testbed"), per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
+        budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale, workload)
+    full = SweepContext.for_workload(workload, str(model or "testbed"), per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
+    calibration_set = "calibration" if isinstance(workload, FashionClasses) else f"{workload.name} (calibration)"
+    calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
-        result = run_calibration(pipe, load_evaluator(), SweepStore(store), budget_macs, default_candidates(max_steps),
+        result = run_calibration(pipe, workload, SweepStore(store), budget_macs, default_candidates(max_steps),
                                  calibration, full, progress)
     print(json.dumps(result, indent=1, default=str))
 

@@ -126,18 +126,23 @@ def test_standard_fid_with_local_network():
     assert np.isfinite(standard_fid(real, fake, network)) and standard_fid(real, fake, network) > 1e-3
 
 
-def test_standard_clip_score_with_local_model(tmp_path):
+def tiny_clip(folder):
+    """A random CLIPModel (32 px images) and the project's own CLIP tokenizer files."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     from postdiff.testbed.text import write_tokenizer_files
 
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(tmp_path))
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer_files(folder))
     text = dict(vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     torch.manual_seed(4)  # a random model whose mean cosine on these pairs is positive (so not floored to 0)
     vision = {**tiny, "image_size": 32, "patch_size": 8}
-    model = CLIPModel(CLIPConfig(text_config={**tiny, **text}, vision_config=vision, projection_dim=16))
+    return CLIPModel(CLIPConfig(text_config={**tiny, **text}, vision_config=vision, projection_dim=16)), tokenizer
+
+
+def test_standard_clip_score_with_local_model(tmp_path):
+    model, tokenizer = tiny_clip(tmp_path)
     images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     prompts = ["a photo of a bag", "a photo of a coat"] * 4
     score = standard_clip_score(images, prompts, model, tokenizer)

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from postdiff import PostDiffConfig
 from postdiff.evaluation.sweep import SweepContext, SweepPoint, SweepStore, grid
@@ -130,19 +132,20 @@ def test_calibration_and_report_on_a_small_grid(tmp_path):
 
     from postdiff.evaluation.study import calibrate, chosen_rows, point_of, sample_grid, write_report
     from postdiff.evaluation.sweep import run_sweep
+    from postdiff.evaluation.workloads import FashionClasses
     from postdiff.testbed.evaluator import load_evaluator
     from postdiff.testbed.model import load_pipeline
 
-    pipe, evaluator = load_pipeline(), load_evaluator()
+    pipe, workload = load_pipeline(), FashionClasses(load_evaluator())
     pipe.set_progress_bar_config(disable=True)
     store = SweepStore(tmp_path / "store.jsonl")
     candidates = grid([2, 4], betas=[1.0, 0.5], switches=[0, 0.5])
     small, full = SweepContext(prompt_set="calibration", per_class=2, seed=1000), SweepContext(per_class=3)
-    result = calibrate(pipe, evaluator, store, budget_macs=2e9, candidates=candidates, calibration=small, full=full)
+    result = calibrate(pipe, workload, store, budget_macs=2e9, candidates=candidates, calibration=small, full=full)
     assert result["candidates"] == 3  # the 4-step baseline costs 2.6 GMACs, over the budget
     assert result["calibration_images"] == 3 * 20 and -1 <= result["spearman_fd"] <= 1
     assert result["best_full"]["macs"] <= 2e9
-    rows = run_sweep(pipe, evaluator, candidates, store, full)
+    rows = run_sweep(pipe, workload, candidates, store, full)
     chosen = chosen_rows(rows, budget_fractions=(0.5,))
     assert chosen["baseline"]["steps"] == 4 and chosen["baseline"]["config"]["switch"] == 0
     assert chosen["cheaper steps at 50%"]["macs"] <= 0.5 * chosen["baseline"]["macs"]
@@ -151,3 +154,40 @@ def test_calibration_and_report_on_a_small_grid(tmp_path):
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 1000
     assert Image.open(tmp_path / "grid.png").size == (2 * 64, 10 * 64)
     assert report.read_text().count("\n| ") >= 4 and "](../grid.png)" in report.read_text()
+
+
+def test_a_sweep_on_any_pipeline_scores_a_prompt_file_with_fid_and_clip_score(model_dir, tmp_path):
+    from test_evaluator import RandomFeatures, tiny_clip
+    from tiny import sd_pipeline
+
+    from postdiff.evaluation.sweep import run_sweep
+    from postdiff.evaluation.workloads import PromptFile
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red bag\n")
+    references = tmp_path / "references"
+    references.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(references / f"{index}.png")
+    clip, tokenizer = tiny_clip(tmp_path / "clip")
+    workload = PromptFile(prompts, references, fid_features=RandomFeatures(), clip_model=clip, clip_processor=tokenizer)
+    assert workload.prompts == ["a photo of a cat", "a red bag"]
+    pipe = sd_pipeline(model_dir)
+    points = [SweepPoint(PostDiffConfig(), 3), SweepPoint(PostDiffConfig(beta=0.5, switch=0.5), 3)]
+    context = SweepContext.for_workload(workload, "tiny-sd", per_class=2)
+    rows = run_sweep(pipe, workload, points, SweepStore(tmp_path / "store.jsonl"), context)
+    assert [row["num_images"] for row in rows] == [4, 4] and rows[0]["macs"] > rows[1]["macs"]
+    assert all(np.isfinite(row["fd"]) and 0 <= row["alignment"] <= 100 for row in rows)
+    assert rows[0]["fd"] != rows[1]["fd"] and rows[0]["context"]["prompt_set"].startswith("prompts.txt#")
+    prompts.write_text("a photo of a dog\n")  # another prompt set: other keys, nothing reused
+    assert PromptFile(prompts, references).name != workload.name
+
+
+def test_sweep_cli_checks_the_workload_before_loading_a_model(tmp_path):
+    command = [sys.executable, "-m", "postdiff.cli", "sweep", "--store", str(tmp_path / "s.jsonl")]
+    result = subprocess.run(command + ["--model", str(tmp_path)], env=environment(), capture_output=True, text=True)
+    assert result.returncode == 2 and "give --prompts FILE and --reference DIR" in result.stdout
+    result = subprocess.run(command + ["--model", str(tmp_path), "--prompts", str(tmp_path / "none.txt"), "--reference", str(tmp_path)],
+                            env=environment(), capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a file" in result.stdout and not (tmp_path / "s.jsonl").exists()

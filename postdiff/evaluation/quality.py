@@ -29,20 +29,28 @@ class QualityResult:
         return asdict(self)
 
 
+def generate_images(pipe, prompts: dict[int, str], per_prompt: int, steps: int, guidance_scale: float, seed: int = 0,
+                    before_call=None, **call_arguments) -> tuple[np.ndarray, np.ndarray]:
+    """`per_prompt` images of each prompt, one call per prompt seeded `seed + index` (`before_call(seed)` first,
+    when given: external methods with random state of their own re-seed there); images (N, H, W, C) in [0, 1]
+    and the prompt index of each."""
+    images, indices = [], []
+    for index, prompt in prompts.items():
+        if before_call is not None:
+            before_call(seed + index)
+        output = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      output_type="np", generator=torch.Generator().manual_seed(seed + index), **call_arguments)
+        images.append(output.images)
+        indices.extend([index] * per_prompt)
+    return np.concatenate(images), np.asarray(indices)
+
+
 def generate_per_class(pipe, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
                        classes: range | list[int] | None = None, before_call=None) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` images of "a photo of a NAME" for each class, one call per class seeded `seed + class`
-    (`before_call(seed)` first, when given: external methods with random state of their own re-seed there)."""
+    """`per_class` images of "a photo of a NAME" for each class (the embedded model's prompt set)."""
     classes = list(classes if classes is not None else range(len(CLASS_NAMES)))
-    images, labels = [], []
-    for label in classes:
-        if before_call is not None:
-            before_call(seed + label)
-        output = pipe(canonical_prompt(label), negative_prompt="", num_images_per_prompt=per_class, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, output_type="np", generator=torch.Generator().manual_seed(seed + label))
-        images.append(output.images)
-        labels.extend([label] * per_class)
-    return np.concatenate(images), np.asarray(labels)
+    prompts = {label: canonical_prompt(label) for label in classes}
+    return generate_images(pipe, prompts, per_class, steps, guidance_scale, seed, before_call, negative_prompt="")
 
 
 def evaluate_config(pipe, evaluator, config: PostDiffConfig, per_class: int = 100, steps: int = 20,

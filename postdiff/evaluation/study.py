@@ -24,17 +24,17 @@ def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
     return list(dict.fromkeys(fewer + cheaper))
 
 
-def calibrate(pipe, evaluator, store: SweepStore, budget_macs: float, candidates: list[SweepPoint],
+def calibrate(pipe, workload, store: SweepStore, budget_macs: float, candidates: list[SweepPoint],
               calibration: SweepContext, full: SweepContext, progress=None) -> dict:
     """Best FD under the budget on the small calibration set, confirmed on the full set (all candidates, for
     the rank correlation between the two sets)."""
-    affordable = [p for p in candidates if point_macs(pipe, p, calibration.guidance_scale) <= budget_macs]
+    affordable = [p for p in candidates if point_macs(pipe, p, calibration.guidance_scale, workload) <= budget_macs]
     if not affordable:
         raise ValueError(f"budget_macs={budget_macs:.4g} admits none of the {len(candidates)} candidates")
     started = time.perf_counter()
-    small = run_sweep(pipe, evaluator, affordable, store, calibration, progress)
+    small = run_sweep(pipe, workload, affordable, store, calibration, progress)
     calibration_seconds = time.perf_counter() - started
-    large = run_sweep(pipe, evaluator, affordable, store, full, progress)
+    large = run_sweep(pipe, workload, affordable, store, full, progress)
     by_key_small = {row["describe"]: row for row in small}
     by_key_large = {row["describe"]: row for row in large}
     names = sorted(by_key_small)

@@ -4,8 +4,9 @@ The store is append-only and keyed by the point and its context (model, prompt s
 seed, guidance): a sweep killed at any moment and started again skips what is stored, recomputes nothing
 and duplicates nothing. A line cut by a kill mid-write is dropped when the store is opened.
 
-Generation is sharded with accelerate: the classes of the prompt set are split between processes
-(`PartialState.split_between_processes`), each class is seeded on its own, and the main process gathers
+Generation is sharded with accelerate: the prompts of the workload (workloads.py: the embedded model's
+classes, or a prompt file for any pipeline) are split between processes
+(`PartialState.split_between_processes`), each prompt is seeded on its own, and the main process gathers
 the images, scores and writes; so 1 process and N processes give the same rows.
 """
 
@@ -26,9 +27,8 @@ import torch
 from .. import api
 from ..config import PostDiffConfig
 from ..models import plan_macs_per_image
-from ..testbed.text import canonical_prompt
 from .baselines import ExternalMethod, measured_denoiser_macs
-from .quality import generate_per_class
+from .workloads import Workload
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What else a score depends on; part of every row's key."""
+    """What else a score depends on; part of every row's key. `classes` are the indices of the prompts used
+    and `per_class` the images per prompt (named after the embedded model's class prompts)."""
 
     model: str = "testbed"
     prompt_set: str = "fashion-mnist-classes"
@@ -66,6 +67,10 @@ class SweepContext:
     seed: int = 0
     guidance_scale: float = 3.0
     classes: tuple[int, ...] = tuple(range(10))
+
+    @classmethod
+    def for_workload(cls, workload: Workload, model: str, **fields) -> "SweepContext":
+        return cls(model=model, prompt_set=workload.name, classes=tuple(range(len(workload.prompts))), **fields)
 
 
 def point_key(point: SweepPoint, context: SweepContext) -> str:
@@ -127,16 +132,16 @@ class SweepStore:
             os.fsync(handle.fileno())
 
 
-def score_point(pipe, evaluator, point: SweepPoint, context: SweepContext, state) -> dict | None:
-    """Generate this process's share of the classes; on the main process gather, score and return the row."""
+def score_point(pipe, workload: Workload, point: SweepPoint, context: SweepContext, state) -> dict | None:
+    """Generate this process's share of the prompts; on the main process gather, score and return the row."""
     from accelerate.utils import gather_object
 
     with point.applied(pipe) as before_call:
-        macs = applied_point_macs(pipe, point, context.guidance_scale)
+        macs = applied_point_macs(pipe, point, context.guidance_scale, workload)
         started = time.perf_counter()
-        with state.split_between_processes(list(context.classes)) as my_classes:
-            images, labels = generate_per_class(pipe, context.per_class, point.steps, context.guidance_scale, context.seed,
-                                                my_classes, before_call)
+        with state.split_between_processes(list(context.classes)) as my_prompts:
+            images, labels = workload.generate(pipe, my_prompts, context.per_class, point.steps, context.guidance_scale,
+                                               context.seed, before_call)
         seconds = time.perf_counter() - started
     shards = gather_object([(images, labels, seconds)])
     if not state.is_main_process:
@@ -145,27 +150,27 @@ def score_point(pipe, evaluator, point: SweepPoint, context: SweepContext, state
     labels = np.concatenate([shard[1] for shard in shards])
     return {
         "key": point_key(point, context), "config": point.config.to_dict(), "external": point.external, "describe": point.describe(),
-        "steps": point.steps, "context": context.__dict__, "fd": evaluator.frechet_distance(images),
-        "alignment": evaluator.alignment(images, labels), "macs": macs,
+        "steps": point.steps, "context": context.__dict__, **workload.score(images, labels), "macs": macs,
         "seconds": sum(shard[2] for shard in shards), "num_images": int(len(images)),
     }
 
 
-def point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
+def point_macs(pipe, point: SweepPoint, guidance_scale: float, workload: Workload) -> float:
     with point.applied(pipe):
-        return applied_point_macs(pipe, point, guidance_scale)
+        return applied_point_macs(pipe, point, guidance_scale, workload)
 
 
-def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float) -> float:
+def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float, workload: Workload) -> float:
     """Denoiser MACs per image of `point`, with its method already applied to `pipe`: from PostDiff's plan, or
     measured for an external method."""
-    arguments = dict(prompt=canonical_prompt(0), negative_prompt="", num_inference_steps=point.steps, guidance_scale=guidance_scale)
+    arguments = dict(prompt=workload.prompts[0], num_inference_steps=point.steps, guidance_scale=guidance_scale,
+                     **workload.call_arguments)
     if point.external:
         return measured_denoiser_macs(pipe, **arguments, output_type="np", generator=torch.Generator().manual_seed(0))
     return plan_macs_per_image(pipe, api.plan_call(pipe, **arguments))
 
 
-def run_sweep(pipe, evaluator, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
+def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
     """Score every point not in the store yet; returns the store's rows for `points` (old and new).
 
     `progress(total)`, when given, is called once with the number of points to score and returns a
@@ -177,7 +182,7 @@ def run_sweep(pipe, evaluator, points: list[SweepPoint], store: SweepStore, cont
     todo = [point for point in points if point_key(point, context) not in done]
     advance = progress(len(todo)) if progress is not None else (lambda: None)
     for point in todo:
-        row = score_point(pipe, evaluator, point, context, state)
+        row = score_point(pipe, workload, point, context, state)
         if row is not None:
             store.append(row)
         advance()

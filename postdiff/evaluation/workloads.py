@@ -1,0 +1,89 @@
+"""What a sweep generates and how it scores it: a prompt list, one seeded call per prompt (`seed + index`),
+and two numbers per configuration, "fd" (lower is better) and "alignment" (higher is better).
+
+- `FashionClasses`: the embedded model's 10 class prompts, scored by the shipped evaluator (FD against
+  the Fashion-MNIST test split; alignment = share of images classified as the prompted class).
+- `PromptFile`: any supported pipeline, prompts from a text file (one per line), scored with the standard
+  metrics: "fd" is FID (torchmetrics, Inception-v3 pool3) against a folder of reference images, "alignment"
+  is the CLIP score (openai/clip-vit-large-patch14 by default). Both need their weights present (downloaded
+  once, or in the Hugging Face cache); a local feature network and CLIP model can be passed instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..testbed.text import canonical_prompt
+from .quality import generate_images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class Workload:
+    name: str  # identifies the prompt set in a row's key
+    prompts: list[str]
+    call_arguments: dict = {}
+
+    def generate(self, pipe, indices, per_prompt: int, steps: int, guidance_scale: float, seed: int, before_call=None):
+        prompts = {index: self.prompts[index] for index in indices}
+        return generate_images(pipe, prompts, per_prompt, steps, guidance_scale, seed, before_call, **self.call_arguments)
+
+    def score(self, images: np.ndarray, prompt_indices: np.ndarray) -> dict:
+        raise NotImplementedError
+
+
+class FashionClasses(Workload):
+    name = "fashion-mnist-classes"
+    call_arguments = {"negative_prompt": ""}
+
+    def __init__(self, evaluator=None):
+        from ..testbed.evaluator import load_evaluator
+
+        self.evaluator = evaluator or load_evaluator()
+        self.prompts = [canonical_prompt(label) for label in range(10)]
+
+    def score(self, images, prompt_indices) -> dict:
+        return {"fd": self.evaluator.frechet_distance(images), "alignment": self.evaluator.alignment(images, prompt_indices)}
+
+
+class PromptFile(Workload):
+    def __init__(self, prompts_path: Path, reference_dir: Path, fid_features=None, clip_model=None, clip_processor=None):
+        """`fid_features`: None for Inception-v3, or a module (see `metrics.standard_fid`); `clip_model` and
+        `clip_processor` (or a tokenizer): None for openai/clip-vit-large-patch14, a hub id or folder, or a model."""
+        if not Path(prompts_path).is_file():
+            raise ValueError(f"prompts={str(prompts_path)!r} is not a file (a text file, one prompt per line, expected)")
+        text = Path(prompts_path).read_text()
+        self.prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not self.prompts:
+            raise ValueError(f"prompts={str(prompts_path)!r} holds no prompt (one per line expected)")
+        self.reference_paths = sorted(p for p in Path(reference_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+            if Path(reference_dir).is_dir() else []
+        if len(self.reference_paths) < 2:
+            raise ValueError(f"reference={str(reference_dir)!r} must be a folder with at least 2 images ({', '.join(IMAGE_SUFFIXES)})")
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        self.name = f"{Path(prompts_path).name}#{digest}"
+        self.fid_features = fid_features
+        self.clip_model, self.clip_processor = clip_model, clip_processor
+
+    def reference_images(self, side: int) -> np.ndarray:
+        """The reference folder as uint8 (N, side, side, 3): one size, so they batch like the generated images."""
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.open(p).convert("RGB").resize((side, side), Image.BICUBIC)) for p in self.reference_paths])
+
+    def score(self, images, prompt_indices) -> dict:
+        from .metrics import standard_clip_score, standard_fid
+
+        model, processor = self.clip_model, self.clip_processor
+        if isinstance(model, (str, Path)):
+            from transformers import CLIPModel, CLIPProcessor
+
+            model, processor = CLIPModel.from_pretrained(str(model)), CLIPProcessor.from_pretrained(str(model))
+        prompts = [self.prompts[index] for index in prompt_indices]
+        return {
+            "fd": standard_fid(self.reference_images(images.shape[1]), images, self.fid_features),
+            "alignment": standard_clip_score(images, prompts, model, processor),
+        }
