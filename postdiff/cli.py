@@ -334,6 +334,9 @@ def report(
         console.print(f"[red]error:[/red] no rows in {store}")
         raise typer.Exit(2)
     curves, grids = None, None
+    if (trajectories or samples) and any(r["context"]["prompt_set"] != "fashion-mnist-classes" for r in rows):
+        console.print("trajectories and sample grids are drawn for the embedded model's rows only: skipped")
+        trajectories = samples = False
     if trajectories or samples:
         from .testbed.evaluator import load_evaluator
         from .testbed.model import load_pipeline
