@@ -279,6 +279,7 @@ def sweep(
 def calibrate(
     budget_macs: Optional[float] = typer.Option(None, help="MACs per image allowed (units of 1)"),
     budget_fraction: Optional[float] = typer.Option(None, help="or: a fraction of the 20-step baseline's MACs"),
+    min_alignment: float = typer.Option(0.0, help="only candidates at least this aligned on the calibration set"),
     store: Path = typer.Option(Path("runs/sweep.jsonl")),
     max_steps: int = typer.Option(20),
     calibration_per_class: int = typer.Option(10, min=2, help="images per prompt on the calibration set (seeds from 1000)"),
@@ -311,7 +312,7 @@ def calibrate(
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
         result = run_calibration(pipe, workload, SweepStore(store), budget_macs, default_candidates(max_steps),
-                                 calibration, full, progress)
+                                 calibration, full, progress, min_alignment)
     print(json.dumps(result, indent=1, default=str))
 
 
@@ -349,11 +350,12 @@ def report(
         curves = {f"switch {s}": trajectory(pipe, evaluator, PostDiffConfig(beta=0.5, switch=s) if s else PostDiffConfig(),
                                             steps, 10, guidance_scale) for s in (0, 0.25, 0.5)}
     if samples:
-        grids = {}
-        for index, (title, row) in enumerate(chosen_rows(rows).items()):
-            file_name = f"samples_{index}.png"
-            sample_grid(pipe, point_of(row), guidance_scale, 8, out / file_name)
-            grids[title] = (row, file_name)
+        grids, drawn = {}, {}
+        for title, row in chosen_rows(rows).items():
+            if row["key"] not in drawn:  # one row can be the best under several budgets
+                drawn[row["key"]] = f"samples_{len(drawn)}.png"
+                sample_grid(pipe, point_of(row), guidance_scale, 8, out / drawn[row["key"]])
+            grids[title] = (row, drawn[row["key"]])
     console.print(f"wrote {write_report(rows, out, curves, grids)}")
 
 

@@ -145,6 +145,13 @@ def test_calibration_and_report_on_a_small_grid(tmp_path):
     assert result["candidates"] == 3  # the 4-step baseline costs 2.6 GMACs, over the budget
     assert result["calibration_images"] == 3 * 20 and -1 <= result["spearman_fd"] <= 1
     assert result["best_full"]["macs"] <= 2e9
+    scored = [r for r in store.rows() if r["context"]["prompt_set"] == "calibration"]
+    top = max(r["alignment"] for r in scored)
+    strict = calibrate(pipe, workload, store, budget_macs=2e9, candidates=candidates, calibration=small, full=full, min_alignment=top)
+    assert strict["best_calibration"]["fd"] == min(r["fd"] for r in scored if r["alignment"] >= top)
+    assert len(store.rows()) == 6  # the second calibration scored nothing new
+    with pytest.raises(ValueError, match="min_alignment=1.5 admits none"):
+        calibrate(pipe, workload, store, budget_macs=2e9, candidates=candidates, calibration=small, full=full, min_alignment=1.5)
     rows = run_sweep(pipe, workload, candidates, store, full)
     chosen = chosen_rows(rows, budget_fractions=(0.5,))
     assert chosen["baseline"]["steps"] == 4 and chosen["baseline"]["config"]["switch"] == 0

@@ -25,29 +25,31 @@ def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
 
 
 def calibrate(pipe, workload, store: SweepStore, budget_macs: float, candidates: list[SweepPoint],
-              calibration: SweepContext, full: SweepContext, progress=None) -> dict:
-    """Best FD under the budget on the small calibration set, confirmed on the full set (all candidates, for
-    the rank correlation between the two sets)."""
+              calibration: SweepContext, full: SweepContext, progress=None, min_alignment: float = 0.0) -> dict:
+    """Best FD under the budget on the small calibration set, among candidates whose calibration alignment
+    is at least `min_alignment`, confirmed on the full set (all candidates, for the rank correlation of FD
+    between the two sets)."""
     affordable = [p for p in candidates if point_macs(pipe, p, calibration.guidance_scale, workload) <= budget_macs]
     if not affordable:
         raise ValueError(f"budget_macs={budget_macs:.4g} admits none of the {len(candidates)} candidates")
     started = time.perf_counter()
-    small = run_sweep(pipe, workload, affordable, store, calibration, progress)
+    small = {row["describe"]: row for row in run_sweep(pipe, workload, affordable, store, calibration, progress)}
     calibration_seconds = time.perf_counter() - started
-    large = run_sweep(pipe, workload, affordable, store, full, progress)
-    by_key_small = {row["describe"]: row for row in small}
-    by_key_large = {row["describe"]: row for row in large}
-    names = sorted(by_key_small)
-    best = min(names, key=lambda name: by_key_small[name]["fd"])
-    correlation = spearmanr([by_key_small[n]["fd"] for n in names], [by_key_large[n]["fd"] for n in names]).statistic if len(names) > 2 else float("nan")
+    large = {row["describe"]: row for row in run_sweep(pipe, workload, affordable, store, full, progress)}
+    names = sorted(small)
+    eligible = [name for name in names if small[name]["alignment"] >= min_alignment]
+    if not eligible:
+        raise ValueError(f"min_alignment={min_alignment} admits none of the {len(names)} candidates under the budget")
+    best = min(eligible, key=lambda name: small[name]["fd"])
+    best_full = min((name for name in names if large[name]["alignment"] >= min_alignment), key=lambda name: large[name]["fd"], default=None)
+    fds_small, fds_large = [small[n]["fd"] for n in names], [large[n]["fd"] for n in names]
     return {
-        "budget_macs": budget_macs, "candidates": len(affordable), "best": best,
-        "best_calibration": by_key_small[best], "best_full": by_key_large[best],
-        "best_on_full_set": min(names, key=lambda name: by_key_large[name]["fd"]),
-        "calibration_images": sum(row["num_images"] for row in small),
+        "budget_macs": budget_macs, "min_alignment": min_alignment, "candidates": len(affordable), "best": best,
+        "best_calibration": small[best], "best_full": large[best], "best_on_full_set": best_full,
+        "calibration_images": sum(row["num_images"] for row in small.values()),
         "calibration_seconds_this_run": calibration_seconds,
-        "calibration_seconds_generation": sum(row["seconds"] for row in small),
-        "spearman_fd": float(correlation),
+        "calibration_seconds_generation": sum(row["seconds"] for row in small.values()),
+        "spearman_fd": float(spearmanr(fds_small, fds_large).statistic) if len(names) > 2 else float("nan"),
     }
 
 
@@ -90,11 +92,27 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
 
 
 def ca_ablation_table(rows: list[dict]) -> str:
-    lines = ["| m | mode | FD | alignment | GMACs |", "|---|---|---|---|---|"]
-    ablation = [r for r in rows if r["config"]["cfg_stop"] is not None]
-    for row in sorted(ablation, key=lambda r: (r["config"]["cfg_stop"], r["config"]["ca_mode"], r["steps"])):
-        c = row["config"]
-        lines.append(f"| {c['cfg_stop']} | {c['ca_mode']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} |")
+    """Cache modes side by side: every (steps, config without cfg_stop / ca_mode, m) run with two modes or more,
+    one line per m, FD / alignment per mode, with the same config without CFG stop as the reference."""
+    def base_of(row):
+        config = {k: v for k, v in row["config"].items() if k not in ("cfg_stop", "ca_mode")}
+        return row["steps"], json.dumps(config, sort_keys=True)
+
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["config"]["cfg_stop"] is not None and not row.get("external"):
+            groups.setdefault((*base_of(row), row["config"]["cfg_stop"]), {})[row["config"]["ca_mode"]] = row
+    reference = {base_of(r): r for r in rows if r["config"]["cfg_stop"] is None and not r.get("external")}
+    lines = ["| configuration | m | cond | ave | cfg | GMACs | without CFG stop |", "|---|---|---|---|---|---|---|"]
+    for (steps, config, m), modes in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+        if len(modes) < 2:
+            continue
+        cells = [f"{modes[mode]['fd']:.2f} / {modes[mode]['alignment']:.3f}" if mode in modes else "" for mode in ("cond", "ave", "cfg")]
+        any_row = next(iter(modes.values()))
+        ref = reference.get((steps, config))
+        ref_cell = f"{ref['fd']:.2f} / {ref['alignment']:.3f} ({ref['macs'] / 1e9:.2f} GMACs)" if ref else ""
+        name = any_row["describe"].split(" cfg_stop")[0]
+        lines.append(f"| {name} | {m} | {' | '.join(cells)} | {any_row['macs'] / 1e9:.2f} | {ref_cell} |")
     return "\n".join(lines)
 
 
@@ -193,7 +211,7 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     for row in sorted(rows, key=lambda r: r["macs"]):
         share = f"{row['macs'] / base['macs']:.0%}" if base else ""
         lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
-    lines += ["", "## Cross-attention cache modes", "", ca_ablation_table(rows), ""]
+    lines += ["", "## Cross-attention cache modes (FD / alignment)", "", ca_ablation_table(rows), ""]
     if grids:
         lines += ["## Samples (one row per class)", ""]
         for title, (row, file_name) in grids.items():
