@@ -28,8 +28,10 @@ class ModelSpec:
     text_encoders: tuple[ComponentSpec, ...] = ()
     negative_prompt_encoded: bool = True  # SDXL zeroes an empty negative prompt instead of encoding it
 
-    def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True) -> dict[str, tuple[float, float]]:
-        """(MACs, attention MACs) of one 1-image call's text encoding and VAE decode, by component name."""
+    def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True,
+                        latent_hw: tuple[int, int] | None = None) -> dict[str, tuple[float, float]]:
+        """(MACs, attention MACs) of one 1-image call's text encoding and VAE decode, by component name
+        (the decode at `latent_hw`, by default the model's native latent size)."""
         if with_vae and self.vae is None:
             raise ValueError(f"model={self.name!r} has no VAE (it denoises in pixel space): --with-vae does not apply")
         if with_text and not self.text_encoders:
@@ -40,7 +42,7 @@ class ModelSpec:
             name = f"text_encoder{'_' + str(index + 1) if index else ''} ({encoder.class_name}, {prompts} prompt{'s' * (prompts > 1)})"
             costs[name] = encoder.cost(self.latent_hw, self.denoiser.text_length, batch=prompts)
         if with_vae:
-            costs["vae decoder"] = self.vae.cost(self.latent_hw, self.denoiser.text_length)
+            costs["vae decoder"] = self.vae.cost(latent_hw or self.latent_hw, self.denoiser.text_length)
         return costs
 
     def facts(self) -> ModelFacts:
@@ -106,9 +108,12 @@ def _read_config(folder: Path) -> dict:
 
 def _component(folder: Path) -> ComponentSpec:
     config = _read_config(folder)
-    class_name = config.get("_class_name") or config["architectures"][0]
-    public = {key: value for key, value in config.items() if not key.startswith("_") and key not in ("architectures", "transformers_version")}
-    return ComponentSpec(class_name, public)
+    return ComponentSpec(config.get("_class_name") or config["architectures"][0], _public(config))
+
+
+def _public(config: dict) -> dict:
+    """A saved config without its bookkeeping keys (class name, library versions)."""
+    return {key: value for key, value in config.items() if not key.startswith("_") and key not in ("architectures", "transformers_version")}
 
 
 def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
@@ -121,7 +126,12 @@ def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
     side = sample if isinstance(sample, int) else sample[0]
     text_length = min(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77), family.max_text_length)
     spec = DenoiserSpec(dict(denoiser.config), text_length, family.denoiser_kind)
-    return ModelSpec(name, family.name, spec, (side, side), type(pipe.scheduler).__name__)
+    encoders = [getattr(pipe, part, None) for part in ("text_encoder", "text_encoder_2")]
+    texts = tuple(ComponentSpec(type(e).__name__, _public(e.config.to_dict())) for e in encoders if e is not None)
+    vae = getattr(pipe, "vae", None)
+    vae_spec = ComponentSpec("AutoencoderKL", _public(dict(vae.config))) if type(vae).__name__ == "AutoencoderKL" else None
+    negative_encoded = not getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    return ModelSpec(name, family.name, spec, (side, side), type(pipe.scheduler).__name__, vae_spec, texts, negative_encoded)
 
 
 def plan_macs_per_image(pipe, plan) -> float:

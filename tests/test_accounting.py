@@ -148,6 +148,7 @@ def test_text_encoders_and_vae_of_a_local_folder_cost_what_the_real_components_c
     ids = torch.zeros(prompts, spec.denoiser.text_length, dtype=torch.int64)
     text_costs = [value[0] for name, value in costs.items() if name.startswith("text_encoder")]
     assert text_costs == [_real_macs(lambda e=encoder: e(input_ids=ids)) for encoder in encoders]
+    assert spec_from_pipeline(pipe).component_costs(with_vae=True, with_text=True) == costs  # a loaded pipeline counts the same
 
 
 def test_flops_cli_adds_text_and_vae_once_per_call_and_refuses_them_where_a_model_has_none():
