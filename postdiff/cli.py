@@ -39,7 +39,7 @@ def parse_progressive(text: str) -> tuple[tuple[float, float], ...]:
         return ()
     stages = []
     for stage in text.split("+"):
-        scale, at, fraction = stage.partition("@")
+        scale, _, fraction = stage.partition("@")
         try:
             stages.append((float(scale), float(fraction)))
         except ValueError:
@@ -197,9 +197,9 @@ def open_workload(model: str | None, prompts: Path | None, reference: Path | Non
     """(pipeline, workload): the embedded model's classes, or a prompt file scored by FID and CLIP score.
     Arguments are checked before any model is loaded."""
     from .evaluation.workloads import FashionClasses, PromptFile
-    from .generate import _is_testbed_folder, load_pipeline
+    from .generate import is_testbed_folder, load_pipeline
 
-    testbed = model is None or _is_testbed_folder(model)
+    testbed = model is None or is_testbed_folder(model)
     if testbed and (prompts or reference):
         raise ValueError("--prompts and --reference are for pipelines other than the embedded model (give --model)")
     if not testbed and not (prompts and reference):

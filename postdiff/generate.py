@@ -21,14 +21,14 @@ def load_pipeline(model: str | None):
     """The embedded model (default or a folder saved by its training), or any diffusers pipeline."""
     from .testbed.model import load_pipeline as load_testbed
 
-    if model is None or _is_testbed_folder(model):
+    if model is None or is_testbed_folder(model):
         return load_testbed(model), TESTBED_GUIDANCE
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model), 7.5
 
 
-def _is_testbed_folder(model: str) -> bool:
+def is_testbed_folder(model: str) -> bool:
     index = Path(model) / "model_index.json"
     return index.exists() and json.loads(index.read_text()).get("_class_name") == "TestbedPipeline"
 
