@@ -17,7 +17,7 @@ import time
 import torch
 
 from benchmark import build_pipeline
-from postdiff.accounting import DENOISER_KINDS, _count, meta_denoiser
+from postdiff.accounting import DENOISER_KINDS, count_forward, meta_denoiser
 from postdiff.models import spec_from_pipeline
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     rows = {}
     for hw in (full_hw, low_hw):
         meta_inputs = kind.inputs(spec.denoiser, 2 * args.images, hw)
-        macs = _count(meta, meta_inputs)[0]
+        macs = count_forward(meta, meta_inputs)[0]
         seconds = forward_seconds(denoiser, real_inputs(meta_inputs, args.device), args.repeats, args.device)
         rows[hw] = (seconds, macs)
         print(f"{hw[0]}x{hw[1]}: {seconds * 1e3:8.1f} ms  {macs / 1e9:8.2f} GMACs  {macs / seconds / 1e9:6.1f} GMAC/s")

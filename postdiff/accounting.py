@@ -131,18 +131,19 @@ def in_convention(macs: float, attention_macs: float, convention: str) -> float:
     return macs if convention == "macs" else 2 * (macs + attention_macs)
 
 
-def _count(model, inputs: dict) -> tuple[float, float]:
-    return _count_call(lambda: model(**inputs, return_dict=False))
+def count_forward(model, inputs: dict) -> tuple[float, float]:
+    return count_call(lambda: model(**inputs, return_dict=False))
 
 
-def _count_call(run) -> tuple[float, float]:
-    """(MACs without attention products, attention-product MACs) of `run()`."""
+def count_call(run, scope: str = "Global") -> tuple[float, float]:
+    """(MACs without attention products, attention-product MACs) of `run()`; `scope` names the top-level module
+    (its class name, as the counter records it) whose work alone is counted, or "Global" for everything."""
     counter = FlopCounterMode(display=False)
     with counter:
         run()
-    by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts().get(scope, {}).items()}
     attention = sum(by_op.get(name, 0) for name in ATTENTION_PRODUCTS)
-    return (counter.get_total_flops() - attention) / 2, attention / 2
+    return (sum(by_op.values()) - attention) / 2, attention / 2
 
 
 def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[StepCost]:
@@ -159,7 +160,7 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[
             step_kind = (step.latent_hw, step.cfg, step.unet, step.cross_attention)
             if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
-                counted[step_kind] = _count(model, kind.inputs(spec, batch, step.latent_hw))
+                counted[step_kind] = count_forward(model, kind.inputs(spec, batch, step.latent_hw))
             costs.append(StepCost(step, *counted[step_kind]))
     state.reset()
     return costs
@@ -189,9 +190,9 @@ class ComponentSpec:
         with torch.no_grad():
             if self.is_vae:
                 latents = torch.empty(batch, self.config.get("latent_channels", 4), *latent_hw, device="meta")
-                return _count_call(lambda: model.decode(latents, return_dict=False))
+                return count_call(lambda: model.decode(latents, return_dict=False))
             input_ids = torch.zeros(batch, text_length, dtype=torch.int64, device="meta")
-            return _count_call(lambda: model(input_ids=input_ids))
+            return count_call(lambda: model(input_ids=input_ids))
 
     def _meta_model(self) -> torch.nn.Module:
         if self.is_vae:

@@ -117,7 +117,6 @@ def _public(config: dict) -> dict:
 
 
 def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
-
     from .families import family_for
 
     family = family_for(pipe)

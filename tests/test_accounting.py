@@ -123,9 +123,9 @@ def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
 
 
 def _real_macs(run) -> float:
-    from postdiff.accounting import _count_call
+    from postdiff.accounting import count_call
 
-    return _count_call(run)[0]
+    return count_call(run)[0]
 
 
 @pytest.mark.parametrize("builder", ["sd", "sdxl"])

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..accounting import ATTENTION_PRODUCTS
+from ..accounting import count_call
 from ..config import ConfigError
 
 KNOWN_ARGUMENTS = {"tomesd": {"ratio": float}, "deepcache-package": {"interval": int, "branch": int}}
@@ -96,11 +95,7 @@ def measured_denoiser_macs(pipe, **call_arguments) -> float:
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     processors = denoiser.attn_processors
     denoiser.set_attn_processor(AttnProcessor())  # products the counter can see and separate
-    counter = FlopCounterMode(display=False)
     try:
-        with counter:
-            pipe(**call_arguments)
+        return count_call(lambda: pipe(**call_arguments), scope=type(denoiser).__name__)[0]
     finally:
         denoiser.set_attn_processor(processors)
-    by_op = counter.get_flop_counts().get(type(denoiser).__name__, {})
-    return sum(flops for op, flops in by_op.items() if str(op).split(".")[1] not in ATTENTION_PRODUCTS) / 2
