@@ -4,7 +4,7 @@ paper's configurations, beside the paper's numbers, plus the checks behind "Why 
     python bench/accounting_table.py [--out PATH]
 
 Everything is counted with postdiff's own accounting (meta device, convention "macs", units of 10^12),
-from the same plans the sampler runs (`make_plan(config, steps + restart_repeats, facts)`, as the CLI).
+from the same plans the sampler runs (`ModelSpec.plan`, as the CLI).
 Runs on one CPU thread in about a minute; no weights, no network.
 """
 
@@ -20,9 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from postdiff.accounting import plan_costs, total  # noqa: E402
-from postdiff.config import PostDiffConfig  # noqa: E402
+from postdiff.config import DIT_FAMILIES, PostDiffConfig  # noqa: E402
 from postdiff.models import ModelSpec, load_model_spec  # noqa: E402
-from postdiff.plan import StepPlan, make_plan  # noqa: E402
+from postdiff.plan import StepPlan  # noqa: E402
 
 MODELS = ["sd15-512", "sd21-768", "sdxl-1024", "pixart-alpha-1024"]
 STEPS = 20
@@ -38,24 +38,30 @@ PAPER = {
 PAPER_ROWS_OF = {"sd": "SD v1.5", "sdxl": "SDXL", "pixart": "PixArt-a"}
 
 
+def deepcache(family: str = "sd", **changes) -> PostDiffConfig:
+    """k = 2 with the branch of the published rows, named rather than left to the default: on U-Nets
+    DeepCache's branch 1 (skips s_0 and s_1 live), the setting behind the paper's DeepCache FLOPs; DiT block
+    caching counts its own way, branch 0 (the first and last block always run)."""
+    return PostDiffConfig(cache_interval=2, cache_branch=0 if family in DIT_FAMILIES else 1, **changes)
+
+
 def rows(family: str) -> list[tuple[str, str, PostDiffConfig, int]]:
     """(key, label, config, steps) of every table row."""
     paper = PostDiffConfig.preset("paper", family=family)
-    deepcache = PostDiffConfig(cache_interval=2)
+    cached = deepcache(family)
     return [
         ("base20", "baseline, 20 steps", PostDiffConfig(), STEPS),
         ("base8", "baseline, 8 steps", PostDiffConfig(), 8),
         ("mixed", f"mixed resolution (beta {paper.beta:g}, s 1/2)", PostDiffConfig(beta=paper.beta, switch=0.5), STEPS),
-        ("deepcache", "DeepCache (k 2)", deepcache, STEPS),
-        *[(f"ca{m}", f"DC + CA m={m} cond", deepcache.with_changes(cfg_stop=m, ca_mode="cond"), STEPS) for m in CA_STOPS],
+        ("deepcache", "DeepCache (k 2)", cached, STEPS),
+        *[(f"ca{m}", f"DC + CA m={m} cond", cached.with_changes(cfg_stop=m, ca_mode="cond"), STEPS) for m in CA_STOPS],
         ("paper", "paper preset (mixed + DeepCache)", paper, STEPS),
         ("paper+cfg5", "paper preset + cfg_stop 5 (cond)", paper.with_changes(cfg_stop=5), STEPS),
     ]
 
 
 def plan_for(spec: ModelSpec, config: PostDiffConfig, steps: int = STEPS) -> StepPlan:
-    facts = spec.facts()
-    return make_plan(config, steps + facts.restart_repeats, facts)
+    return spec.plan(config, steps)
 
 
 def tmacs(spec: ModelSpec, plan: StepPlan) -> float:
@@ -119,17 +125,17 @@ def _with_steps(plan: StepPlan, change) -> StepPlan:
 
 def ca_hypotheses(spec: ModelSpec) -> list[str]:
     """Accountings the paper's DC + CA rows could have used, each counted from a (possibly hand-edited) plan."""
-    dc = PostDiffConfig(cache_interval=2)
+    dc = deepcache()
 
     def stop_at(m: int, mode: str = "cond") -> StepPlan:
         return plan_for(spec, dc.with_changes(cfg_stop=m, ca_mode=mode))
 
     def restart(m: int) -> StepPlan:  # the deep cache is dropped at the stop: step m is full, the k-cycle restarts
         return _with_steps(stop_at(m), lambda s: s if s.index < m else
-                           dataclasses.replace(s, unet="full" if (s.index - m) % 2 == 0 else "cached"))
+                           dataclasses.replace(s, deep="full" if (s.index - m) % 2 == 0 else "cached"))
 
     def deepcache_off_after(m: int) -> StepPlan:  # every step after the stop runs the whole U-Net
-        return _with_steps(stop_at(m), lambda s: s if s.index < m else dataclasses.replace(s, unet="full"))
+        return _with_steps(stop_at(m), lambda s: s if s.index < m else dataclasses.replace(s, deep="full"))
 
     def ca_only(m: int) -> StepPlan:  # cross-attention read from the cache after m, CFG batch kept
         return _with_steps(stop_at(m), lambda s: s if s.index < m else dataclasses.replace(s, cfg=True, events=()))
@@ -156,8 +162,8 @@ def ca_hypotheses(spec: ModelSpec) -> list[str]:
 
 def consistency_note(spec: ModelSpec) -> list[str]:
     """With the k=2 cycle going on, m=10 and m=15 fix the cost of a no-CFG full step a and shallow step b."""
-    dc = tmacs(spec, plan_for(spec, PostDiffConfig(cache_interval=2)))
-    costs = plan_costs(spec.denoiser, plan_for(spec, PostDiffConfig(cache_interval=2)))
+    dc = tmacs(spec, plan_for(spec, deepcache()))
+    costs = plan_costs(spec.denoiser, plan_for(spec, deepcache()))
     full, shallow = costs[0].macs / 1e12, costs[1].macs / 1e12
     paper = PAPER["sd"]
     scale = paper["deepcache"] / dc  # the paper's own per-step scale
@@ -172,13 +178,38 @@ def sdxl_alternatives(spec: ModelSpec, base: float) -> list[str]:
     paper = PAPER["sdxl"]
     lines = ["| SDXL mix + cache variant | ours (T) | vs paper 52.682, ratios to baselines |", "|---|---:|---:|"]
     variants = [(f"beta 3/4, s 1/2, k 2, cache_branch {b}", PostDiffConfig(beta=0.75, switch=0.5, cache_interval=2, cache_branch=b))
-                for b in (0, 1, 2)]
-    variants += [("beta 3/4, s 2/5, k 2, cache_branch 0", PostDiffConfig(beta=0.75, switch=0.4, cache_interval=2)),
-                 ("beta 3/4, s 1/5, k 2, cache_branch 0", PostDiffConfig(beta=0.75, switch=0.2, cache_interval=2))]
+                for b in (1, 2, 3)]
+    variants += [(f"beta 3/4, s {s}, k 2, cache_branch 1", deepcache(beta=0.75, switch=switch)) for s, switch in (("2/5", 0.4), ("1/5", 0.2))]
     for label, config in variants:
         value = tmacs(spec, plan_for(spec, config))
         diff = 100 * (value / base / (paper["paper"] / paper["base20"]) - 1)
         lines.append(f"| {label} | {value:.3f} | {diff:+.2f}% |")
+    return lines
+
+
+FLOW_MODELS = {"sd3-medium-1024": 28, "sd35-large-1024": 28, "flux1-dev-1024": 28, "flux1-schnell-1024": 4}
+FLOW_ROWS = [
+    ("off", PostDiffConfig()),
+    ("mixed (beta 1/2, s 1/2)", PostDiffConfig(beta=0.5, switch=0.5)),
+    ("mixed (beta 3/4, s 1/2)", PostDiffConfig(beta=0.75, switch=0.5)),
+    ("block caching (k 2, branch 0)", PostDiffConfig(cache_interval=2)),
+    ("mixed 3/4 + block caching", PostDiffConfig(beta=0.75, switch=0.5, cache_interval=2)),
+]
+
+
+def flow_table() -> list[str]:
+    """Rectified-flow MM-DiTs at their usual call (SD3: CFG batch; FLUX: none), denoiser and whole call."""
+    lines = ["| model (steps) | configuration | denoiser (T) | ratio | + text encoders + VAE (T) | ratio, whole call |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, steps in FLOW_MODELS.items():
+        spec = load_model_spec(name)
+        once = sum(macs for macs, _ in spec.component_costs(True, True, do_cfg=spec.runs_cfg()).values()) / 1e12
+        base = None
+        for label, config in FLOW_ROWS:
+            value = total(plan_costs(spec.denoiser, spec.plan(config, steps, do_cfg=spec.runs_cfg()))) / 1e12
+            base = base or value
+            lines.append(f"| {name} ({steps}) | {label} | {value:.3f} | {value / base:.4f} | {value + once:.3f} | "
+                         f"{(value + once) / (base + once):.4f} |")
     return lines
 
 
@@ -193,7 +224,8 @@ def build() -> str:
         "## Which model and resolution the paper's \"SD v1.5\" rows were counted at", "", *resolution_check(results), "",
         "## Cross-attention ablation: accountings tried (sd21-768, DeepCache k 2)", "", *ca_hypotheses(sd21), "",
         *consistency_note(sd21), "",
-        "## SDXL mix + cache: variants tried", "", *sdxl_alternatives(specs[MODELS.index("sdxl-1024")], results["sdxl-1024"]["base20"]),
+        "## SDXL mix + cache: variants tried", "", *sdxl_alternatives(specs[MODELS.index("sdxl-1024")], results["sdxl-1024"]["base20"]), "",
+        "## Rectified-flow MM-DiTs (1 image, their usual call)", "", *flow_table(),
     ]
     return "\n".join(sections) + "\n"
 

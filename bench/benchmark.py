@@ -31,10 +31,10 @@ CONFIGS = {
     "diffusers": None,  # the plain pipeline, no postdiff
     "off": dict(),
     "mixed": dict(beta=0.5, switch=0.5),
-    "deepcache": dict(cache_interval=2),
+    "deepcache": dict(cache_interval=2, cache_branch=1),  # the branch of the published rows
     "ca-m5": dict(cfg_stop=5, ca_mode="cond"),
     "paper": "paper",
-    "paper+ca-m5": dict(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=5),
+    "paper+ca-m5": dict(beta=0.5, switch=0.5, cache_interval=2, cache_branch=1, cfg_stop=5),
 }
 WORKLOADS = ("testbed", "sd15-512", "sd15-256")
 

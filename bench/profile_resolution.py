@@ -17,7 +17,8 @@ import time
 import torch
 
 from benchmark import build_pipeline
-from postdiff.accounting import DENOISER_KINDS, count_forward, meta_denoiser
+from postdiff.accounting import count_forward
+from postdiff.denoisers import DENOISER_KINDS, meta_denoiser
 from postdiff.models import spec_from_pipeline
 
 

@@ -11,7 +11,7 @@ PER_CLASS=${PER_CLASS:-50}
 POSTDIFF=${POSTDIFF:-postdiff}
 
 sweep() {  # defaults of one grid axis each: add only what a line varies
-    "$POSTDIFF" sweep --store "$STORE" --per-class "$PER_CLASS" --beta 1 --switch 0 --cache-interval 1 "$@"
+    "$POSTDIFF" sweep --store "$STORE" --per-class "$PER_CLASS" --beta 1 --switch 0 --cache-interval 1 --cache-branch 1 "$@"
 }
 
 sweep --steps 4,6,8,10,12,14,20                                             # fewer steps

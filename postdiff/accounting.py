@@ -13,108 +13,18 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from .caching import install_transformer_caches, install_unet_caches
 from .caching.state import RunState
-from .config import PostDiffConfig
+from .denoisers import DENOISER_KINDS, DenoiserSpec, meta_denoiser
 from .plan import Step, StepPlan
 
 CONVENTIONS = ("macs", "flops")
 ATTENTION_PRODUCTS = ("bmm", "baddbmm")  # the classic attention processor's score and value products
-
-
-@dataclass(frozen=True)
-class DenoiserSpec:
-    """What the counter needs: the denoiser's kind and config, and the text length its cross-attention sees."""
-
-    config: dict
-    text_length: int = 77
-    kind: str = "unet"  # key of DENOISER_KINDS
-
-
-class DenoiserKind:
-    """How to build a denoiser of one kind on the meta device, feed it, and install PostDiff's caches on it."""
-
-    def build(self, config: dict) -> torch.nn.Module:
-        raise NotImplementedError
-
-    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
-        raise NotImplementedError
-
-    def install_caches(self, model: torch.nn.Module, config: PostDiffConfig, state: RunState) -> None:
-        raise NotImplementedError
-
-
-class UNetKind(DenoiserKind):
-    def build(self, config: dict) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-
-    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
-        config = spec.config
-        inputs = {
-            "sample": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
-            "timestep": torch.tensor(500, device="meta"),
-            "encoder_hidden_states": torch.empty(batch, spec.text_length, config["cross_attention_dim"], device="meta"),
-        }
-        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and time ids
-            text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            inputs["added_cond_kwargs"] = {
-                "text_embeds": torch.empty(batch, text_dim, device="meta"),
-                "time_ids": torch.empty(batch, 6, device="meta"),
-            }
-        return inputs
-
-    def install_caches(self, model, config, state) -> None:
-        install_unet_caches(model, config, state)
-
-
-class PixArtKind(DenoiserKind):
-    """`PixArtTransformer2DModel`. On the meta device the sin-cos `pos_embed` buffer is only a shape, which is
-    all counting needs (it is never materialized with `to_empty`); at other sizes `PatchEmbed` recomputes it
-    from the input's grid, as on real tensors (elementwise work, not counted)."""
-
-    def build(self, config: dict) -> torch.nn.Module:
-        from diffusers import PixArtTransformer2DModel
-
-        with torch.device("meta"):
-            return PixArtTransformer2DModel.from_config(config)
-
-    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
-        config = spec.config
-        caption_channels = config.get("caption_channels") or config.get("cross_attention_dim", 1152)
-        inputs = {
-            "hidden_states": torch.empty(batch, config.get("in_channels", 4), *latent_hw, device="meta"),
-            "encoder_hidden_states": torch.empty(batch, spec.text_length, caption_channels, device="meta"),
-            "encoder_attention_mask": torch.ones(batch, spec.text_length, dtype=torch.int64, device="meta"),
-            "timestep": torch.full((batch,), 500, dtype=torch.int64, device="meta"),
-            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-        }
-        additional = config.get("use_additional_conditions")
-        if additional or (additional is None and config.get("sample_size", 128) == 128):  # PixArt-alpha 1024
-            inputs["added_cond_kwargs"] = {"resolution": torch.empty(batch, 2, device="meta"),
-                                           "aspect_ratio": torch.empty(batch, 1, device="meta")}
-        return inputs
-
-    def install_caches(self, model, config, state) -> None:
-        install_transformer_caches(model, config, state)
-
-
-DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind(), "pixart": PixArtKind()}
-
-
-def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
-    model = DENOISER_KINDS[spec.kind].build(spec.config)
-    # The classic processor computes attention with bmm/baddbmm, which the counter sees and can separate.
-    model.set_attn_processor(AttnProcessor())
-    return model
 
 
 @dataclass(frozen=True)
@@ -148,16 +58,18 @@ def count_call(run, scope: str = "Global") -> tuple[float, float]:
 
 def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[StepCost]:
     """Cost of every step of `plan`, counted by running it on the meta device with PostDiff's hooks."""
+    if plan.facts.text_length is not None:  # the call's own text length (T5 tokens)
+        spec = replace(spec, text_length=plan.facts.text_length)
     kind = DENOISER_KINDS[spec.kind]
     model = meta_denoiser(spec)
     state = RunState()
-    kind.install_caches(model, plan.config, state)
+    kind.install_caches(model, plan.config, state)  # validates the branch as `apply` does
     state.begin(num_images, guidance_scale=2.0)
     costs, counted = [], {}
     with torch.no_grad():
         for step in plan.steps:
             state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in the sampler
-            step_kind = (step.latent_hw, step.cfg, step.unet, step.cross_attention)
+            step_kind = (step.latent_hw, step.cfg, step.deep, step.cross_attention)
             if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
                 counted[step_kind] = count_forward(model, kind.inputs(spec, batch, step.latent_hw))
@@ -179,6 +91,7 @@ class ComponentSpec:
 
     class_name: str
     config: dict
+    text_length: int | None = None  # a text encoder's own token count, where it differs from the denoiser's
 
     @property
     def is_vae(self) -> bool:
@@ -191,7 +104,7 @@ class ComponentSpec:
             if self.is_vae:
                 latents = torch.empty(batch, self.config.get("latent_channels", 4), *latent_hw, device="meta")
                 return count_call(lambda: model.decode(latents, return_dict=False))
-            input_ids = torch.zeros(batch, text_length, dtype=torch.int64, device="meta")
+            input_ids = torch.zeros(batch, self.text_length or text_length, dtype=torch.int64, device="meta")
             return count_call(lambda: model(input_ids=input_ids))
 
     def _meta_model(self) -> torch.nn.Module:

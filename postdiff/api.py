@@ -2,11 +2,14 @@
 
 `apply` gives the pipeline object a subclass of its own class whose `__call__` runs the PostDiff loop with
 the original signature and outputs, and installs the cache hooks the config needs. It is idempotent
-(apply removes first) and `remove` restores the original class and forward methods.
+(apply removes first) and `remove` restores the original class and modules: no hook, no hook registry,
+no instance `forward` left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -18,7 +21,8 @@ from .caching.state import RunState
 from .config import ConfigError, PostDiffConfig
 from .families import family_for
 from .families.base import Family
-from .sampler import Sampler, check_scheduler
+from .sampler import Sampler
+from .schedulers import check_scheduler
 
 
 @dataclass
@@ -51,13 +55,13 @@ def apply(pipe, config: PostDiffConfig | None = None):
     config = config or PostDiffConfig()
     remove(pipe)
     family = family_for(pipe)
-    check_scheduler(pipe.scheduler, config)
+    check_scheduler(pipe.scheduler, config.mixed_resolution)
     patch = Patch(config, family, type(pipe))
     denoiser = getattr(pipe, family.denoiser_attribute)
     try:
-        family.install_caches(denoiser, config, patch.state)
-    except ConfigError:
-        remove_caches(denoiser)  # nothing half-installed stays behind
+        family.kind().install_caches(denoiser, config, patch.state)
+    except BaseException:
+        remove_caches(denoiser)  # whatever went wrong, nothing half-installed stays behind
         raise
     pipe._postdiff = patch
     pipe.__class__ = _patched_class(type(pipe))
@@ -73,6 +77,16 @@ def remove(pipe):
     pipe.__class__ = patch.original_class
     del pipe.__dict__["_postdiff"]
     return pipe
+
+
+@contextlib.contextmanager
+def applied(pipe, config: PostDiffConfig | None = None):
+    """`with applied(pipe, config): ...`: PostDiff on `pipe` inside the block, removed when it ends, however."""
+    apply(pipe, config)
+    try:
+        yield pipe
+    finally:
+        remove(pipe)
 
 
 def is_applied(pipe) -> bool:
@@ -100,8 +114,15 @@ def _postdiff_call(self, *args, **kwargs):
 
 
 def plan_call(pipe, *args, **kwargs):
-    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything."""
-    return _sampler(pipe, args, kwargs).prepare()
+    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything and without touching
+    the pipeline: it is planned on a view of it (its own fields, a copy of the scheduler, the same modules)."""
+    return _sampler(_planning_view(pipe), args, kwargs).prepare()
+
+
+def _planning_view(pipe):
+    view = copy.copy(pipe)
+    view.__dict__["scheduler"] = copy.deepcopy(pipe.scheduler)  # set_timesteps acts on the copy
+    return view
 
 
 def trace_x0(pipe, *args, **kwargs) -> tuple[object, list[torch.Tensor]]:

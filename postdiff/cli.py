@@ -8,6 +8,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import PRESETS, ConfigError, PostDiffConfig
+from .config import PRESETS, ConfigError, PostDiffConfig, build_config, parse_progressive
+
+# transformers prints notices (e.g. "`CLIPImageProcessor` requires torchvision") on every command that would
+# drown its output; set before anything imports transformers, for the command line only (the library keeps
+# them), and a user's own TRANSFORMERS_VERBOSITY wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -25,33 +31,13 @@ CONFIG_FLAGS = {
     "beta": (Optional[float], typer.Option(None, help="low-resolution scale, 0 < beta <= 1")),
     "switch": (Optional[float], typer.Option(None, help="fraction of steps at low resolution (0 = off)")),
     "cache_interval": (Optional[int], typer.Option(None, help="DeepCache k (1 = off)")),
-    "cache_branch": (Optional[int], typer.Option(None, help="DeepCache skip branch (0 = shallowest)")),
+    "cache_branch": (Optional[int], typer.Option(None, help="DeepCache's cache_branch_id: skips s_0..s_b stay live "
+                                                  "(0 = conv_in only, DeepCache's default; 1 = the paper's)")),
     "cfg_stop": (Optional[int], typer.Option(None, help="first step without CFG; cross-attention cached from there")),
     "ca_mode": (Optional[str], typer.Option(None, help="cross-attention cache: cond, ave, cfg or none")),
     "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
                                                 "joined by +, e.g. 0.75@0.25; none = two-stage")),
 }
-
-
-def parse_progressive(text: str) -> tuple[tuple[float, float], ...]:
-    """"0.75@0.25" -> ((0.75, 0.25),); stages joined by "+"; "none" or "" -> () (the paper's two stages)."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    stages = []
-    for stage in text.split("+"):
-        scale, _, fraction = stage.partition("@")
-        try:
-            stages.append((float(scale), float(fraction)))
-        except ValueError:
-            raise ConfigError(f"progressive={text!r} is not allowed: expected SCALE@FRACTION stages joined by +, e.g. 0.75@0.25") from None
-    return tuple(stages)
-
-
-def build_config(family: str, preset: str | None = None, **flags) -> PostDiffConfig:
-    base = PostDiffConfig.preset(preset or "off", family=family)
-    if flags.get("progressive") is not None:
-        flags["progressive"] = parse_progressive(flags["progressive"])
-    return base.with_changes(**{name: value for name, value in flags.items() if value is not None})
 
 
 def with_config_flags(function):
@@ -74,23 +60,25 @@ def with_config_flags(function):
     return command
 
 
+CFG_HELP = ("classifier-free guidance batch (--no-cfg: guidance_scale <= 1; --cfg on FLUX: true CFG); "
+            "default: the model's usual call (CFG, but none for FLUX)")
+
+
 @app.command()
 @with_config_flags
 def plan(
     config_flags: dict,
     steps: int = typer.Option(20, help="num_inference_steps"),
-    model: str = typer.Option("sd15-512", help="a shipped model name, testbed, or a local diffusers folder"),
-    no_cfg: bool = typer.Option(False, help="plan for guidance_scale <= 1"),
+    model: str = typer.Option("testbed", help="a shipped model name, testbed (the default model of generate), or a local diffusers folder"),
+    cfg: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help=CFG_HELP),
 ):
     """Print the step plan: per step the latent size, CFG, U-Net full or cached, cross-attention, events."""
     from .models import load_model_spec
-    from .plan import make_plan
 
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
-    facts = spec.facts()
-    num_timesteps = steps + facts.restart_repeats  # PLMS evaluates one timestep twice
-    print(make_plan(config, num_timesteps, facts, do_cfg=not no_cfg).describe())
+    print(f"model: {model}")
+    print(spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg)).describe())
 
 
 @app.command()
@@ -102,22 +90,20 @@ def flops(
     convention: str = typer.Option("macs", help="macs (paper, attention products excluded) or flops (everything)"),
     with_vae: bool = typer.Option(False, "--with-vae", help="add the VAE decode of the image (once per call)"),
     with_text: bool = typer.Option(False, "--with-text", help="add the text encoder(s): prompt, and negative prompt under CFG"),
-    no_cfg: bool = typer.Option(False, help="count for guidance_scale <= 1"),
+    cfg: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help=CFG_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
 ):
     """Per-step compute of one image from the same plan the sampler runs (units of 10^12); the denoiser only,
     unless --with-text / --with-vae add the once-per-call components."""
     from .accounting import CONVENTIONS, in_convention, plan_costs
     from .models import load_model_spec
-    from .plan import make_plan
 
     if convention not in CONVENTIONS:
         raise ConfigError(f"convention={convention!r} is not allowed: expected one of {', '.join(CONVENTIONS)}")
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
-    facts = spec.facts()
-    plan = make_plan(config, steps + facts.restart_repeats, facts, do_cfg=not no_cfg)
-    components = spec.component_costs(with_vae, with_text, do_cfg=not no_cfg)
+    plan = spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg))
+    components = spec.component_costs(with_vae, with_text, do_cfg=spec.runs_cfg(cfg))
     costs = plan_costs(spec.denoiser, plan)
     per_step = [cost.value(convention) / 1e12 for cost in costs]
     per_component = {name: in_convention(*cost, convention) / 1e12 for name, cost in components.items()}
@@ -127,11 +113,11 @@ def flops(
                           "per_step": per_step, "denoiser": sum(per_step), "components": per_component, "total": grand_total}))
         return
     table = Table(title=f"{model}: {config.describe()} ({convention}, 10^12, one image)")
-    for column in ("step", "latent", "cfg", "unet", "cross-attn", convention):
+    for column in ("step", "latent", "cfg", "deep", "cross-attn", convention):
         table.add_column(column, justify="right")
     for cost, value in zip(costs, per_step):
         s = cost.step
-        table.add_row(str(s.index), f"{s.latent_hw[0]}x{s.latent_hw[1]}", "on" if s.cfg else "off", s.unet, s.cross_attention, f"{value:.4f}")
+        table.add_row(str(s.index), f"{s.latent_hw[0]}x{s.latent_hw[1]}", "on" if s.cfg else "off", s.deep, s.cross_attention, f"{value:.4f}")
     table.add_row("denoiser", "", "", "", "", f"{sum(per_step):.3f}")
     for name, value in per_component.items():
         table.add_row(name, "", "", "", "", f"{value:.4f}")
@@ -158,34 +144,6 @@ def generate(
     run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console)
 
 
-
-@app.command()
-@with_config_flags
-def evaluate(
-    config_flags: dict,
-    per_class: int = typer.Option(100, min=2, help="images per class (10 classes)"),
-    steps: int = typer.Option(20),
-    guidance_scale: float = typer.Option(3.0),
-    seed: int = typer.Option(0),
-    model: Optional[str] = typer.Option(None, help="a testbed folder; default: the shipped model"),
-    as_json: bool = typer.Option(False, "--json"),
-):
-    """FD and prompt alignment of the embedded model under a config, with its MACs and wall time."""
-    from .evaluation.quality import evaluate_config
-    from .testbed.evaluator import load_evaluator
-    from .testbed.model import load_pipeline
-
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    config = build_config("testbed", **config_flags)
-    result = evaluate_config(pipe, load_evaluator(), config, per_class, steps, guidance_scale, seed)
-    if as_json:
-        print(json.dumps(result.to_dict()))
-        return
-    console.print(f"{result.config}: FD {result.fd:.3f}, alignment {result.alignment:.3f}, "
-                  f"{result.macs / 1e9:.3f} GMACs/image, {result.seconds:.1f} s for {10 * per_class} images")
-
-
 MODEL_HELP = "a testbed folder (default: the shipped model), or any supported pipeline (folder or hub id) with --prompts"
 PROMPTS_HELP = "a text file, one prompt per line (pipelines other than the embedded model)"
 REFERENCE_HELP = "a folder of reference images for FID (with --prompts)"
@@ -193,21 +151,36 @@ CLIP_HELP = "CLIP model for the CLIP score (with --prompts): hub id or folder"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
-def open_workload(model: str | None, prompts: Path | None, reference: Path | None, clip_model: str):
-    """(pipeline, workload): the embedded model's classes, or a prompt file scored by FID and CLIP score.
-    Arguments are checked before any model is loaded."""
-    from .evaluation.workloads import FashionClasses, PromptFile
-    from .generate import is_testbed_folder, load_pipeline
+@app.command()
+@with_config_flags
+def evaluate(
+    config_flags: dict,
+    per_class: int = typer.Option(100, min=2, help="images per prompt (the embedded model: its 10 class prompts)"),
+    steps: int = typer.Option(20),
+    guidance_scale: float = typer.Option(3.0),
+    seed: int = typer.Option(0),
+    store: Path = typer.Option(Path("runs/sweep.jsonl"), help="the sweep store the row is read from, or appended to"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    reference: Optional[Path] = typer.Option(None, help=REFERENCE_HELP),
+    clip_model: str = typer.Option(DEFAULT_CLIP, help=CLIP_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the store's row as one JSON object"),
+):
+    """FD, prompt alignment, MACs and wall time of one configuration, scored as `sweep` scores it: the same
+    row, read from the store when already there. The embedded model by default."""
+    from .api import family_name
+    from .evaluation.sweep import SweepContext, SweepPoint
+    from .evaluation.workloads import open_workload
 
-    testbed = model is None or is_testbed_folder(model)
-    if testbed and (prompts or reference):
-        raise ValueError("--prompts and --reference are for pipelines other than the embedded model (give --model)")
-    if not testbed and not (prompts and reference):
-        raise ValueError(f"model={model!r} is not the embedded model: give --prompts FILE and --reference DIR to score it")
-    workload = FashionClasses() if testbed else PromptFile(prompts, reference, clip_model=clip_model)
-    pipe, _ = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, workload
+    pipe, workload = open_workload(model, prompts, reference, clip_model)
+    point = SweepPoint(build_config(family_name(pipe), **config_flags), steps)
+    context = SweepContext.for_workload(workload, model, per_class=per_class, seed=seed, guidance_scale=guidance_scale)
+    [row] = score_in_store(pipe, workload, [point], store, context, Console(stderr=True) if as_json else console)
+    if as_json:
+        print(json.dumps(row))
+        return
+    console.print(f"{row['describe']}: FD {row['fd']:.3f}, alignment {row['alignment']:.3f}, "
+                  f"{row['macs'] / 1e9:.3f} GMACs/image, {row['seconds']:.1f} s for {row['num_images']} images")
 
 
 @contextlib.contextmanager
@@ -224,6 +197,18 @@ def progress_bars():
         yield start
 
 
+def score_in_store(pipe, workload, points: list, store: Path, context, log: Console) -> list[dict]:
+    """The store's rows of `points` in `context`, scoring (with progress bars) those not stored yet."""
+    from .evaluation.sweep import SweepStore, point_key, run_sweep
+
+    sweep_store = SweepStore(store)
+    done = sweep_store.keys()
+    todo = sum(point_key(point, context) not in done for point in points)
+    log.print(f"{len(points)} points, {len(points) - todo} already in {store}, {todo} to score")
+    with progress_bars() as progress:
+        return run_sweep(pipe, workload, points, sweep_store, context, progress=progress)
+
+
 def _values(text: str, convert) -> list:
     return [None if item.strip().lower() == "none" else convert(item) for item in text.split(",") if item.strip()]
 
@@ -235,6 +220,8 @@ def sweep(
     beta: str = typer.Option("1.0,0.5", help="comma list"),
     switch: str = typer.Option("0,0.5", help="comma list"),
     cache_interval: str = typer.Option("1,2", help="comma list"),
+    cache_branch: str = typer.Option("1", help="comma list of DeepCache branches, for cache intervals > 1 "
+                                     "(1: the paper's DeepCache FLOPs, what the published study measured)"),
     cfg_stop: str = typer.Option("none", help="comma list; none = CFG kept"),
     ca_mode: str = typer.Option("cond", help="comma list of cond, ave, cfg, none"),
     preset: str = typer.Option("", help="comma list of presets added to the grid"),
@@ -253,23 +240,20 @@ def sweep(
     default; any supported pipeline with --model, --prompts and --reference (FID and CLIP score).
 
     Run it under `accelerate launch --num_processes N` to shard the generation."""
-    from .evaluation.sweep import SweepContext, SweepStore, grid, point_key, run_sweep
+    from .evaluation.sweep import SweepContext, grid
+    from .evaluation.workloads import open_workload
 
     try:
         points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
                       _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p],
-                      progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external)
+                      progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external,
+                      cache_branches=_values(cache_branch, int))
         pipe, workload = open_workload(model, prompts, reference, clip_model)
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
-    context = SweepContext.for_workload(workload, str(model or "testbed"), per_class=per_class, seed=seed, guidance_scale=guidance_scale)
-    sweep_store = SweepStore(store)
-    done = sweep_store.keys()
-    todo = sum(point_key(point, context) not in done for point in points)
-    console.print(f"{len(points)} points, {len(points) - todo} already in {store}, {todo} to score")
-    with progress_bars() as progress:
-        rows = run_sweep(pipe, workload, points, sweep_store, context, progress=progress)
+    context = SweepContext.for_workload(workload, model, per_class=per_class, seed=seed, guidance_scale=guidance_scale)
+    rows = score_in_store(pipe, workload, points, store, context, console)
     for row in sorted(rows, key=lambda r: r["macs"]):
         print(f"{row['describe']:<60} FD {row['fd']:7.2f}  align {row['alignment']:.3f}  {row['macs'] / 1e9:6.2f} GMACs")
 
@@ -296,7 +280,7 @@ def calibrate(
     from .evaluation.study import calibrate as run_calibration
     from .evaluation.study import default_candidates
     from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, point_macs
-    from .evaluation.workloads import FashionClasses
+    from .evaluation.workloads import FashionClasses, open_workload
 
     try:
         if (budget_macs is None) == (budget_fraction is None):
@@ -307,7 +291,7 @@ def calibrate(
         raise typer.Exit(2)
     if budget_fraction is not None:
         budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale, workload)
-    full = SweepContext.for_workload(workload, str(model or "testbed"), per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
+    full = SweepContext.for_workload(workload, model, per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
     calibration_set = "calibration" if isinstance(workload, FashionClasses) else f"{workload.name} (calibration)"
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
@@ -339,10 +323,10 @@ def report(
         console.print("trajectories and sample grids are drawn for the embedded model's rows only: skipped")
         trajectories = samples = False
     if trajectories or samples:
+        from .loading import load_pipeline
         from .testbed.evaluator import load_evaluator
-        from .testbed.model import load_pipeline
 
-        pipe = load_pipeline()
+        pipe, _ = load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         out.mkdir(parents=True, exist_ok=True)
     if trajectories:

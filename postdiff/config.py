@@ -8,6 +8,9 @@ CA_MODES = ("cond", "ave", "cfg", "none")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
+# The presets' cache branch: U-Nets 1 (the paper's DeepCache FLOPs); DiTs 0 (caching/blocks.py: first and
+# last block run, the rest cached), the paper names no DiT setting.
+DIT_FAMILIES = ("pixart",)
 
 
 class ConfigError(ValueError):
@@ -21,8 +24,10 @@ class PostDiffConfig:
     beta: scale of the low-resolution latent (0 < beta <= 1); used while `switch` > 0.
     switch: fraction s of the denoising steps run at low resolution (0 = mixed resolution off).
     cache_interval: DeepCache k; the deep U-Net branch is computed every k steps and reused between (1 = off).
-    cache_branch: which skip branch bounds the shallow part that always runs (0 = conv_in and the first down
-        layer, the paper's DeepCache setting; see caching/deepcache.py).
+    cache_branch: DeepCache's `cache_branch_id`: branch b keeps the skips s_0..s_b live, so conv_in, the first b
+        down layers and the up layers that consume those skips run on every step (0 = conv_in and the last up
+        layer only, DeepCache's default; 1 = the paper's DeepCache setting). DiTs: the first and last b + 1
+        blocks run on every step (caching/deepcache.py, caching/blocks.py).
     cfg_stop: index m of the first step without classifier-free guidance (None = never stop CFG).
     ca_mode: what the cross-attention cache holds after `cfg_stop`: "cond" (conditional half, the paper's
         default), "ave" (mean of the halves, as T-GATE), "cfg" (guided combination) or "none" (no
@@ -84,7 +89,8 @@ class PostDiffConfig:
 
     @classmethod
     def preset(cls, name: str, family: str = "sd") -> "PostDiffConfig":
-        """"off"; "deepcache" (k=2, shallowest branch); "paper": the paper's beta for the family, s=1/2, k=2.
+        """"off"; "deepcache" (k=2, branch 1 on U-Nets: the paper's DeepCache row; 0 on DiTs); "paper": the
+        paper's beta for the family, s=1/2, and the "deepcache" caching.
 
         "paper" is the configuration of the paper's headline PostDiff rows: their FLOPs are exactly mixed
         resolution (s=1/2) times DeepCache (k=2), with CFG kept (19.035 x 17.787 / 30.420 = 11.130; the paper's
@@ -94,10 +100,11 @@ class PostDiffConfig:
         _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")
         if name == "off":
             return cls()
-        if name == "deepcache":
-            return cls(cache_interval=2, cache_branch=0)
         _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)}")
-        return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=0)
+        branch = 0 if family in DIT_FAMILIES else 1
+        if name == "deepcache":
+            return cls(cache_interval=2, cache_branch=branch)
+        return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=branch)
 
     def with_changes(self, **changes) -> "PostDiffConfig":
         return replace(self, **changes)
@@ -119,3 +126,26 @@ def _is_int(value) -> bool:
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def parse_progressive(text: str) -> tuple[tuple[float, float], ...]:
+    """"0.75@0.25" -> ((0.75, 0.25),); stages joined by "+"; "none" or "" -> () (the paper's two stages)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    stages = []
+    for stage in text.split("+"):
+        scale, _, fraction = stage.partition("@")
+        try:
+            stages.append((float(scale), float(fraction)))
+        except ValueError:
+            raise ConfigError(f"progressive={text!r} is not allowed: expected SCALE@FRACTION stages joined by +, e.g. 0.75@0.25") from None
+    return tuple(stages)
+
+
+def build_config(family: str, preset: str | None = None, **flags) -> PostDiffConfig:
+    """A preset ("off" when None) with the flags that are not None applied over it; `progressive` may be
+    given as text (see `parse_progressive`), as on the command line."""
+    base = PostDiffConfig.preset(preset or "off", family=family)
+    if isinstance(flags.get("progressive"), str):
+        flags["progressive"] = parse_progressive(flags["progressive"])
+    return base.with_changes(**{name: value for name, value in flags.items() if value is not None})

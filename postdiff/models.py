@@ -7,14 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounting import ComponentSpec, DenoiserSpec, meta_denoiser
-from .caching.deepcache import max_branch
-from .families.pixart import transformer_facts
-from .families.sd import restart_repeats, unet_size_multiple
-from .plan import ModelFacts
+from .accounting import ComponentSpec
+from .config import PostDiffConfig
+from .denoisers import DENOISER_KINDS, DenoiserSpec, meta_denoiser
+from .plan import ModelFacts, StepPlan, make_plan
+from .schedulers import restart_repeats
 
 CONFIG_DIR = Path(__file__).parent / "accounting_configs"
-FACTS_OF_KIND: dict = {"pixart": transformer_facts}  # denoiser kind -> (meta model, latent_hw, restart_repeats) -> ModelFacts
 
 
 @dataclass(frozen=True)
@@ -27,6 +26,7 @@ class ModelSpec:
     vae: ComponentSpec | None = None
     text_encoders: tuple[ComponentSpec, ...] = ()
     negative_prompt_encoded: bool = True  # SDXL zeroes an empty negative prompt instead of encoding it
+    classifier_free_guidance: bool = True  # False: a guidance-distilled model run without a CFG batch (FLUX)
 
     def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True,
                         latent_hw: tuple[int, int] | None = None) -> dict[str, tuple[float, float]]:
@@ -45,61 +45,97 @@ class ModelSpec:
             costs["vae decoder"] = self.vae.cost(latent_hw or self.latent_hw, self.denoiser.text_length)
         return costs
 
+    def runs_cfg(self, requested: bool | None = None) -> bool:
+        """Whether a call has a CFG batch: as requested, else the model's usual call."""
+        return self.classifier_free_guidance if requested is None else requested
+
     def facts(self) -> ModelFacts:
         model = meta_denoiser(self.denoiser)
-        repeats = restart_repeats(self.scheduler)
-        if self.denoiser.kind != "unet":
-            return FACTS_OF_KIND[self.denoiser.kind](model, self.latent_hw, repeats)
-        return ModelFacts(self.latent_hw, unet_size_multiple(model), max_branch(model), repeats)
+        return DENOISER_KINDS[self.denoiser.kind].facts(model, self.latent_hw, restart_repeats(self.scheduler))
+
+    def plan(self, config: PostDiffConfig, num_inference_steps: int, do_cfg: bool = True) -> StepPlan:
+        """The plan a call with `num_inference_steps` runs: PLMS's timesteps include its warm-up repeat."""
+        num_timesteps = num_inference_steps + restart_repeats(self.scheduler)
+        return make_plan(config, num_timesteps, self.facts(), do_cfg=do_cfg)
 
 
 def named_models() -> list[str]:
-    return ["testbed"] + sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+    return ["testbed", "testbed-flow"] + sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
 
 
 def load_model_spec(name: str) -> ModelSpec:
-    """`name` is a shipped config ("sd15-512", ...), "testbed", or a local diffusers pipeline folder."""
+    """`name` is a shipped config ("sd15-512", ...), "testbed", "testbed-flow", or a local diffusers pipeline folder."""
     if name == "testbed":
         from .testbed.model import WEIGHTS_DIR
 
         return _spec_from_folder(WEIGHTS_DIR, "testbed", family="testbed")
+    if name == "testbed-flow":
+        return _testbed_flow_spec()
     shipped = CONFIG_DIR / f"{name}.json"
     if shipped.exists():
         data = json.loads(shipped.read_text())
         side = data["resolution"] // data["vae_scale_factor"]
         denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"))
-        texts = tuple(ComponentSpec(text["class"], text["config"]) for text in data.get("text_encoders", ()))
+        texts = tuple(ComponentSpec(text["class"], text["config"], text.get("text_length")) for text in data.get("text_encoders", ()))
         vae = ComponentSpec("AutoencoderKL", data["vae"]) if "vae" in data else None
         return ModelSpec(name, data["family"], denoiser, (side, side), data["scheduler"], vae, texts,
-                         data.get("negative_prompt_encoded", True))
+                         data.get("negative_prompt_encoded", True), data.get("classifier_free_guidance", True))
     if any(Path(name, folder, "config.json").exists() for folder in ("unet", "transformer")):
         return _spec_from_folder(Path(name), name)
     raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder "
                      "with unet/config.json or transformer/config.json")
 
 
+def _testbed_flow_spec() -> ModelSpec:
+    """The embedded flow model: its saved folder once trained, else its architecture constants (no weights needed)."""
+    from .testbed.flow_model import FLOW_WEIGHTS_DIR, TRANSFORMER_CONFIG
+    from .testbed.text import MAX_LENGTH
+
+    if (FLOW_WEIGHTS_DIR / "model_index.json").exists():
+        return _spec_from_folder(FLOW_WEIGHTS_DIR, "testbed-flow", family="testbed-flow")
+    side = TRANSFORMER_CONFIG["sample_size"]
+    return ModelSpec("testbed-flow", "testbed-flow", DenoiserSpec(dict(TRANSFORMER_CONFIG), MAX_LENGTH, "sd3"),
+                     (side, side), "FlowMatchEulerDiscreteScheduler")
+
+
+# transformer class -> (denoiser kind, family, text tokens of the pipeline's default call)
+TRANSFORMER_FOLDERS = {
+    "PixArtTransformer2DModel": ("pixart", "pixart", None),  # 120 (alpha) or 300 (Sigma): max_sequence_length
+    "SD3Transformer2DModel": ("sd3", "sd3", 256),  # CLIP tokens + 256 T5 tokens
+    "FluxTransformer2DModel": ("flux", "flux", 512),
+}
+
+
 def _spec_from_folder(folder: Path, name: str, family: str | None = None) -> ModelSpec:
-    """A local pipeline folder: U-Net pipelines (SD 1.x/2.x, SDXL, the testbed) or PixArt-alpha/Sigma."""
+    """A local pipeline folder: U-Net pipelines (SD 1.x/2.x, SDXL, the testbed), PixArt-alpha/Sigma, SD3, FLUX
+    and the embedded flow model."""
     index = json.loads((folder / "model_index.json").read_text())
     pipeline_class = index.get("_class_name", "")
     if (folder / "transformer" / "config.json").exists():
         config = _read_config(folder / "transformer")
-        # PixArt's pipelines pad prompts to max_sequence_length: 120 tokens for alpha, 300 for Sigma.
-        denoiser = DenoiserSpec(config, 300 if "Sigma" in pipeline_class else 120, "pixart")
-        family = family or "pixart"
+        kind, default_family, text_length = TRANSFORMER_FOLDERS[config.get("_class_name", "PixArtTransformer2DModel")]
+        if kind == "pixart":
+            text_length = 300 if "Sigma" in pipeline_class else 120
+        elif kind == "sd3":  # the CLIP tokens, then T5's (none in the embedded flow model)
+            text_length = _tokenizer_length(folder) + (0 if family == "testbed-flow" else text_length)
+        denoiser = DenoiserSpec(config, text_length, kind)
+        family = family or default_family
     else:
         config = _read_config(folder / "unet")
-        tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
-        text_length = json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
-        denoiser = DenoiserSpec(config, min(text_length, 77))
+        denoiser = DenoiserSpec(config, min(_tokenizer_length(folder), 77))
         family = family or ("sdxl" if "XL" in pipeline_class else "sd")
-    sample = config["sample_size"]  # the denoiser's native latent size
+    sample = config.get("sample_size", 128)  # the denoiser's native latent size (FLUX's pipeline: 128)
     side = sample if isinstance(sample, int) else sample[0]
     scheduler = index.get("scheduler", [None, "DDIMScheduler"])[1]
     texts = tuple(_component(folder / part) for part in ("text_encoder", "text_encoder_2") if (folder / part / "config.json").exists())
     vae = _component(folder / "vae") if (folder / "vae" / "config.json").exists() else None
     negative_encoded = not (family == "sdxl" and index.get("force_zeros_for_empty_prompt", True))
     return ModelSpec(name, family, denoiser, (side, side), scheduler, vae, texts, negative_encoded)
+
+
+def _tokenizer_length(folder: Path) -> int:
+    tokenizer_config = folder / "tokenizer" / "tokenizer_config.json"
+    return json.loads(tokenizer_config.read_text()).get("model_max_length", 77) if tokenizer_config.exists() else 77
 
 
 def _read_config(folder: Path) -> dict:
@@ -121,7 +157,7 @@ def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
 
     family = family_for(pipe)
     denoiser = getattr(pipe, family.denoiser_attribute)
-    sample = denoiser.config.sample_size
+    sample = denoiser.config.get("sample_size") or pipe.default_sample_size  # FLUX's transformer has none
     side = sample if isinstance(sample, int) else sample[0]
     text_length = min(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77), family.max_text_length)
     spec = DenoiserSpec(dict(denoiser.config), text_length, family.denoiser_kind)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .config import ConfigError, PostDiffConfig
 
@@ -20,10 +21,11 @@ class ModelFacts:
     """What the plan needs to know about the denoiser and the scheduler, nothing else."""
 
     latent_hw: tuple[int, int]  # full-resolution latent size
-    size_multiple: int = 1  # latent sides must be multiples of this (2 ** number of down-samplers)
-    max_cache_branch: int | None = None  # deepest valid DeepCache branch; None = no U-Net skip branches
+    size_multiple: int = 1  # latent sides must be multiples of this (2 ** down-samplers, or the patch size)
+    max_cache_branch: int | None = None  # deepest valid cache branch; None = nothing to cache
     restart_repeats: int = 0  # extra evaluations a restarted scheduler needs (PNDM's warm-up repeats one)
-    num_blocks: int | None = None  # transformer blocks (DiT families), for block caching
+    denoiser: str = "denoiser"  # how messages name the model: "U-Net", "transformer (28 blocks)"
+    text_length: int | None = None  # text tokens the denoiser sees in this call, where the call decides it (T5)
 
 
 @dataclass(frozen=True)
@@ -38,16 +40,21 @@ class Phase:
     num_steps: int
 
 
+DeepMode = Literal["full", "cached"]
+CrossAttentionMode = Literal["computed", "cached"]
+Event = Literal["switch", "cfg_stop"]
+
+
 @dataclass(frozen=True)
 class Step:
     index: int
     phase: int
     latent_hw: tuple[int, int]
     cfg: bool  # classifier-free guidance: batch of 2 x images
-    unet: str  # "full" (deep branch computed and stored) or "cached" (deep branch reused)
-    cross_attention: str  # "computed" or "cached"
+    deep: DeepMode  # the deep U-Net branch / cached transformer blocks: "full" (computed and stored) or "cached" (reused)
+    cross_attention: CrossAttentionMode  # "computed" or "cached"
     capture_cross_attention: bool  # store this step's cross-attention outputs for later reuse
-    events: tuple[str, ...] = ()  # what happens before this step: "switch", "cfg_stop"
+    events: tuple[Event, ...] = ()  # what happens before this step
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,12 @@ class StepPlan:
 
     def describe(self) -> str:
         lines = [f"PostDiff plan: {len(self.steps)} steps, config: {self.config.describe()}"]
-        lines.append(f"{'step':>4}  {'latent':>9}  {'cfg':>3}  {'unet':>6}  {'cross-attn':>10}  events")
+        lines.append(f"{'step':>4}  {'latent':>9}  {'cfg':>3}  {'deep':>6}  {'cross-attn':>10}  events")
         for step in self.steps:
             size = f"{step.latent_hw[0]}x{step.latent_hw[1]}"
             events = ", ".join(_EVENT_TEXT[e] for e in step.events)
             cfg = "on" if step.cfg else "off"
-            lines.append(f"{step.index:>4}  {size:>9}  {cfg:>3}  {step.unet:>6}  {step.cross_attention:>10}  {events}")
+            lines.append(f"{step.index:>4}  {size:>9}  {cfg:>3}  {step.deep:>6}  {step.cross_attention:>10}  {events}")
         return "\n".join(lines)
 
 
@@ -84,7 +91,7 @@ def round_half_up(value: float) -> int:
 def make_plan(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts, do_cfg: bool = True) -> StepPlan:
     if num_timesteps < 1:
         raise ConfigError(f"num_inference_steps gives {num_timesteps} timesteps: expected at least 1")
-    _check_cache_branch(config, facts)
+    check_cache_branch(config, facts.max_cache_branch, facts.denoiser)
     phases = _phases(config, num_timesteps, facts)
     total = sum(phase.num_steps for phase in phases)
     _check_cfg_stop(config, total)
@@ -151,14 +158,14 @@ def valid_scales(facts: ModelFacts) -> list[str]:
     return found
 
 
-def _check_cache_branch(config: PostDiffConfig, facts: ModelFacts) -> None:
+def check_cache_branch(config: PostDiffConfig, max_branch: int | None, denoiser: str) -> None:
+    """The one check of `cache_branch` (plans, `apply` and the accounting all come here)."""
     if not config.deepcache:
         return
-    if facts.max_cache_branch is None and facts.num_blocks is None:
-        raise ConfigError(f"cache_interval={config.cache_interval} needs a denoiser with cacheable blocks; this one has none")
-    limit = facts.max_cache_branch if facts.max_cache_branch is not None else facts.num_blocks - 1
-    if config.cache_branch > limit:
-        raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this denoiser has branches 0..{limit}")
+    if max_branch is None:
+        raise ConfigError(f"cache_interval={config.cache_interval} needs a denoiser with cacheable blocks; this {denoiser} has none")
+    if config.cache_branch > max_branch:
+        raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this {denoiser} has branches 0..{max_branch}")
 
 
 def _check_cfg_stop(config: PostDiffConfig, total_steps: int) -> None:
@@ -185,7 +192,7 @@ def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: 
         phase=phase_index,
         latent_hw=phase.latent_hw,
         cfg=do_cfg and before_stop,
-        unet="cached" if reuse_deep else "full",
+        deep="cached" if reuse_deep else "full",
         cross_attention="cached" if ca_cached else "computed",
         capture_cross_attention=config.cross_attention_cache and before_stop,
         events=tuple(events),

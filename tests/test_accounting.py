@@ -86,7 +86,8 @@ def test_flops_cli_reproduces_the_papers_sd15_ratios():
     assert base == pytest.approx(20 * 2 * 0.3387, rel=2e-3)  # the well-known 338.7 GMACs per SD 1.5 forward
     ratios = {
         ("--beta", "0.5", "--switch", "0.5"): 19.035 / 30.420,
-        ("--cache-interval", "2"): 17.787 / 30.420,
+        ("--cache-interval", "2", "--cache-branch", "1"): 17.787 / 30.420,  # the paper's DeepCache branch
+        ("--preset", "deepcache"): 17.787 / 30.420,
         ("--preset", "paper"): 11.129 / 30.420,
     }
     for flags, paper_ratio in ratios.items():
@@ -102,11 +103,13 @@ def test_flops_cli_refuses_bad_input_with_one_clear_error():
 
 
 def test_plan_cli_prints_the_plan():
-    result = CliRunner().invoke(app, ["plan", "--steps", "10", "--preset", "paper", "--cfg-stop", "3"])
+    result = CliRunner().invoke(app, ["plan", "--model", "sd15-512", "--steps", "10", "--preset", "paper", "--cfg-stop", "3"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert "10 steps" in lines[0] and len(lines) == 12
-    assert "32x32" in lines[2] and "64x64" in lines[-1] and "switch" in lines[7] and "CFG stops" in lines[5]
+    assert lines[0] == "model: sd15-512" and "10 steps" in lines[1] and len(lines) == 13
+    assert "32x32" in lines[3] and "64x64" in lines[-1] and "switch" in lines[8] and "CFG stops" in lines[6]
+    testbed = CliRunner().invoke(app, ["plan", "--steps", "10", "--preset", "paper"]).output.splitlines()
+    assert testbed[0] == "model: testbed" and "16x16" in testbed[3]  # generate's default model
 
 
 def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
@@ -115,7 +118,7 @@ def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
         ("--steps", "20"): 30.420,
         ("--steps", "8"): 12.168,
         ("--steps", "20", "--beta", "0.5", "--switch", "0.5"): 19.035,
-        ("--steps", "20", "--cache-interval", "2"): 17.787,
+        ("--steps", "20", "--cache-interval", "2", "--cache-branch", "1"): 17.787,
         ("--steps", "20", "--preset", "paper"): 11.129,
     }
     for flags, paper in rows.items():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from postdiff.evaluation.metrics import feature_statistics, frechet_distance, standard_clip_score, standard_fid
+from postdiff.metrics import feature_statistics, frechet_distance, standard_clip_score, standard_fid
 from postdiff.testbed.data import load_split, require_dataset, to_model_range
 from postdiff.testbed.evaluator import load_evaluator
 

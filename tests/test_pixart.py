@@ -3,8 +3,6 @@ calls, and accounting against the real run. Tiny random models of the real class
 
 from __future__ import annotations
 
-import string
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,8 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from test_accounting import PerCallFlops
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+from tiny import t5_tokenizer
+from transformers import T5Config, T5EncoderModel
 from typer.testing import CliRunner
 
 import postdiff
@@ -34,14 +33,6 @@ from postdiff.models import spec_from_pipeline
 PIPELINES = {"alpha": PixArtAlphaPipeline, "sigma": PixArtSigmaPipeline}
 SCHEDULERS = {"dpmpp_2m": DPMSolverMultistepScheduler, "ddim": lambda: DDIMScheduler(clip_sample=False)}
 NUM_BLOCKS = 5
-WORDS = "a an the of photo picture sneaker bag coat black and white small".split()
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    """A real (tokenizers-backed) T5 tokenizer over a small Unigram vocabulary; <pad>=0, </s>=1, <unk>=2."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -1.0) for word in WORDS] + [(char, -5.0) for char in string.ascii_lowercase]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def pixart_pipeline(kind: str = "alpha", scheduler: str = "dpmpp_2m", sample_size: int = 32, seed: int = 0):
@@ -213,10 +204,10 @@ def test_block_caching_skips_exactly_the_span(branch, skipped):
     recorder = Recorder(pipe.transformer)
     call(pipe)
     recorder.remove()
-    assert [s.unet for s in plan.steps] == ["full", "cached", "cached", "full"] + ["full", "cached", "cached", "full"]
+    assert [s.deep for s in plan.steps] == ["full", "cached", "cached", "full"] + ["full", "cached", "cached", "full"]
     everything = list(range(NUM_BLOCKS))
     for step, recorded in zip(plan.steps, recorder.calls):
-        expected = everything if step.unet == "full" else [i for i in everything if i not in skipped]
+        expected = everything if step.deep == "full" else [i for i in everything if i not in skipped]
         assert recorded["blocks"] == expected, step
 
 
@@ -224,7 +215,7 @@ def test_a_cached_step_adds_the_stored_residual_to_the_new_input():
     transformer = pixart_pipeline("alpha").transformer
     state = RunState()
     apply_block_cache(transformer, 0, state)
-    plan = postdiff.make_plan(PostDiffConfig(cache_interval=2), 2, postdiff.ModelFacts((8, 8), 2, 1, num_blocks=NUM_BLOCKS))
+    plan = postdiff.make_plan(PostDiffConfig(cache_interval=2), 2, postdiff.ModelFacts((8, 8), 2, 1, denoiser=f"transformer ({NUM_BLOCKS} blocks)"))
     inputs = dict(encoder_hidden_states=torch.randn(2, 5, 16), timestep=torch.tensor([500, 500]),
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
     x = torch.randn(2, 4, 8, 8)

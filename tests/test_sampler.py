@@ -114,12 +114,12 @@ def test_deepcache_reuse_steps_run_only_the_shallow_blocks(model_dir, branch):
     deep = deep_modules(pipe.unet, branch)
     config = PostDiffConfig(cache_interval=3, cache_branch=branch)
     plan, calls = _recorded(pipe, config)
-    assert [step.unet for step in plan.steps] == ["full", "cached", "cached"] * 2 + ["full", "cached"]
+    assert [step.deep for step in plan.steps] == ["full", "cached", "cached"] * 2 + ["full", "cached"]
     every = set(calls[0]["ran"])
     shallow = {name for name in every if not any(name.startswith(d + ".") for d in deep)}
     assert shallow and shallow != every
     for step, recorded in zip(plan.steps, calls):
-        assert set(recorded["ran"]) == (every if step.unet == "full" else shallow), step
+        assert set(recorded["ran"]) == (every if step.deep == "full" else shallow), step
 
 
 def test_cfg_stop_makes_one_conditional_forward_of_batch_images(model_dir):
@@ -254,7 +254,7 @@ def test_unsupported_scheduler_pipeline_and_branch_are_refused(model_dir):
     with pytest.raises(ConfigError, match="LMSDiscreteScheduler is not supported with mixed resolution.*DDIMScheduler"):
         postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5))
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2))  # no switch: any scheduler runs
-    with pytest.raises(ConfigError, match="cache_branch=9 is not allowed: this U-Net has branches 0..4"):
+    with pytest.raises(ConfigError, match="cache_branch=9 is not allowed: this U-Net has branches 0..5"):
         postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=9))
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     with pytest.raises(ConfigError, match="StableDiffusionImg2ImgPipeline is not supported.*StableDiffusionPipeline"):

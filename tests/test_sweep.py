@@ -30,7 +30,7 @@ def environment() -> dict:
 def test_grid_leaves_out_invalid_and_duplicate_points():
     points = grid([8], betas=[1.0, 0.5], switches=[0, 0.5], cache_intervals=[1, 2], cfg_stops=[None, 3], ca_modes=["cond", "ave"])
     assert len(points) == len(set(points)) == 2 * 2 * 3  # (off | mixed) x k x (no stop | stop cond | stop ave)
-    assert SweepPoint(PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2), 8) in points
+    assert SweepPoint(PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cache_branch=1), 8) in points
 
 
 def test_grid_adds_progressive_schedules_only_after_a_switch_and_externals_at_every_step_count():
@@ -39,6 +39,34 @@ def test_grid_adds_progressive_schedules_only_after_a_switch_and_externals_at_ev
     assert [p.config for p in progressive] == [PostDiffConfig(beta=0.5, switch=0.25, progressive=((0.75, 0.25),))] * 2
     assert [(p.steps, p.external) for p in points if p.external] == [(8, "tomesd:ratio=0.5"), (10, "tomesd:ratio=0.5")]
     assert len(points) == 2 * 3 + 2
+
+
+def test_grid_gives_deepcache_configs_the_branch_axis_and_leaves_the_others_at_the_default():
+    points = grid([8], cache_intervals=[1, 2], cache_branches=[0, 2])
+    assert [p.config for p in points] == [PostDiffConfig(), PostDiffConfig(cache_interval=2, cache_branch=0),
+                                          PostDiffConfig(cache_interval=2, cache_branch=2)]
+    assert grid([8], cache_intervals=[2])[0].config.cache_branch == 1  # the published study's branch
+
+
+def test_evaluate_scores_a_config_as_the_sweep_does_into_the_same_store_row(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    config = ["--beta", "0.5", "--switch", "0.5", "--cache-interval", "2", "--cache-branch", "1"]
+    common = ["--per-class", "2", "--seed", "3"]
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["evaluate", *config, *common, "--steps", "2", "--store", str(tmp_path / "a.jsonl"), "--json"])
+    swept = runner.invoke(app, ["sweep", *config, *common, "--steps", "2", "--store", str(tmp_path / "b.jsonl")])
+    assert evaluated.exit_code == 0 and swept.exit_code == 0, evaluated.output + swept.output
+    [row] = SweepStore(tmp_path / "b.jsonl").rows()
+    assert json.loads(evaluated.stdout) == SweepStore(tmp_path / "a.jsonl").rows()[0]
+    for field in ("key", "config", "describe", "context", "fd", "alignment", "macs", "num_images"):
+        assert json.loads(evaluated.stdout)[field] == row[field], field
+    again = runner.invoke(app, ["evaluate", *config, *common, "--steps", "2", "--store", str(tmp_path / "b.jsonl")])
+    assert "1 points, 1 already in" in again.stdout and len(SweepStore(tmp_path / "b.jsonl").rows()) == 1
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -80,9 +108,9 @@ def test_measured_macs_equal_the_plan_and_external_methods_are_measured_the_same
         merged = measured_denoiser_macs(pipe, **arguments)
     with ExternalMethod.parse("deepcache-package:interval=2,branch=1").applied(pipe):
         deepcache_package = measured_denoiser_macs(pipe, **arguments)
-    postdiff.apply(pipe, PostDiffConfig(cache_interval=2))
+    postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1))
     ours = plan_macs_per_image(pipe, postdiff.plan_call(pipe, **arguments))
-    assert merged < off and deepcache_package == ours  # same branch, same shallow work
+    assert merged < off and deepcache_package == ours  # same branch (one numbering), same shallow work
 
 
 def test_store_drops_a_line_cut_by_a_kill_and_keeps_the_first_of_duplicate_rows(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,7 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 
 from postdiff.testbed.text import write_tokenizer_files
 
@@ -123,3 +124,13 @@ def lcm_pipeline(folder: Path, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+T5_WORDS = "a an the of photo picture sneaker bag coat black and white small".split()
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A real (tokenizers-backed) T5 tokenizer over a small Unigram vocabulary; <pad>=0, </s>=1, <unk>=2."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in T5_WORDS] + [(char, -5.0) for char in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)

@@ -1,33 +1,30 @@
-"""Module-level caches, installed as diffusers `ModelHook`s and driven by the step plan through one RunState."""
+"""Module-level caches, installed as diffusers `ModelHook`s and driven by the step plan through one RunState.
+Which caches a denoiser gets is decided by its kind (postdiff/denoisers.py)."""
 
 from __future__ import annotations
 
-from ..config import ConfigError, PostDiffConfig
+import torch
+
 from . import blocks, cross_attention, deepcache
-from .state import RunState
 
 HOOK_NAMES = [deepcache.HOOK_NAME, cross_attention.HOOK_NAME, blocks.HOOK_NAME]
 
 
-def install_unet_caches(unet, config: PostDiffConfig, state: RunState) -> None:
-    """DeepCache and the cross-attention cache on a `UNet2DConditionModel`, as the config asks."""
-    if config.deepcache:
-        limit = deepcache.max_branch(unet)
-        if config.cache_branch > limit:
-            raise ConfigError(f"cache_branch={config.cache_branch} is not allowed: this U-Net has branches 0..{limit}")
-        deepcache.apply_deepcache(unet, config.cache_branch, state)
-    if config.cross_attention_cache:
-        cross_attention.apply_cross_attention_cache(unet, config.ca_mode, state)
+def remove_caches(model: torch.nn.Module) -> None:
+    """Remove every postdiff hook, and what installing them added: an emptied hook registry and the instance
+    `forward` the registry put on the module (unless something else had wrapped it before)."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for hook_name in HOOK_NAMES:
+            registry.remove_hook(hook_name, recurse=False)
+        if not registry.hooks:
+            del module._diffusers_hook
+            _drop_bound_forward(module)
 
 
-def install_transformer_caches(transformer, config: PostDiffConfig, state: RunState) -> None:
-    """Block caching (blocks.py) and the cross-attention cache on a DiT with `transformer_blocks`."""
-    if config.deepcache:
-        blocks.apply_block_cache(transformer, config.cache_branch, state)
-    if config.cross_attention_cache:
-        cross_attention.apply_cross_attention_cache(transformer, config.ca_mode, state)
-
-
-def remove_caches(model) -> None:
-    for hook_name in HOOK_NAMES:
-        deepcache.remove_hooks(model, hook_name)
+def _drop_bound_forward(module: torch.nn.Module) -> None:
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+        del module.__dict__["forward"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..config import ConfigError
 from .state import RunState
 
 HOOK_NAME = "postdiff_block_cache"
@@ -41,12 +40,8 @@ def max_block_branch(num_blocks: int) -> int:
 
 
 def cached_span(num_blocks: int, branch: int) -> range:
-    """Indices of the blocks skipped on cached steps: all but the first and last `branch + 1`."""
-    limit = max_block_branch(num_blocks)
-    if limit < 0:
-        raise ConfigError(f"block caching needs at least 3 transformer blocks; this denoiser has {num_blocks}")
-    if not 0 <= branch <= limit:
-        raise ConfigError(f"cache_branch={branch} is not allowed: this transformer ({num_blocks} blocks) has branches 0..{limit}")
+    """Indices of the blocks skipped on cached steps: all but the first and last `branch + 1` (`branch` was
+    validated by the denoiser kind: 0..max_block_branch)."""
     return range(branch + 1, num_blocks - branch - 1)
 
 
@@ -65,7 +60,7 @@ class BlockSpanHook(ModelHook):
         step = state.step
         if step is None:  # outside a PostDiff call: the block as it is
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
-        if step.unet == "cached":
+        if step.deep == "cached":
             return hidden_states + state.deep[RESIDUAL] if self.first else hidden_states
         if self.first:
             state.deep[SPAN_INPUT] = hidden_states
@@ -85,3 +80,53 @@ def apply_block_cache(model: torch.nn.Module, branch: int, state: RunState, bloc
         registry.register_hook(BlockSpanHook(state, first=index == span[0], last=index == span[-1]), HOOK_NAME)
         names.append(name)
     return names
+
+
+class JointBlockSpanHook(ModelHook):
+    """The same span cache for MM-DiT blocks (SD3's joint blocks, FLUX's double- and single-stream blocks),
+    which take and return two streams, `(hidden_states, encoder_hidden_states) -> (encoder_hidden_states,
+    hidden_states)`: the span's residual is kept for both, the image and the text stream. Keys carry the
+    denoiser pass (`state.pass_name`), so FLUX's separate conditional and unconditional passes of true CFG
+    keep separate residuals."""
+
+    def __init__(self, state: RunState, first: bool, last: bool):
+        super().__init__()
+        self.state = state
+        self.first = first
+        self.last = last
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.state
+        step = state.step
+        if step is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden, text = _streams(args, kwargs)
+        residual, span_input = f"{state.pass_name}{RESIDUAL}", f"{state.pass_name}{SPAN_INPUT}"
+        if step.deep == "cached":
+            if not self.first:
+                return text, hidden
+            text_residual, hidden_residual = state.deep[residual]
+            return text + text_residual, hidden + hidden_residual
+        if self.first:
+            state.deep[span_input] = (text, hidden)
+        text_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.last:
+            text_in, hidden_in = state.deep.pop(span_input)
+            state.deep[residual] = (text_out - text_in, hidden_out - hidden_in)
+        return text_out, hidden_out
+
+
+def _streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states, encoder_hidden_states) of an MM-DiT block call, by keyword or position."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+    return hidden, text
+
+
+def apply_joint_block_cache(model: torch.nn.Module, block_names: list[str], branch: int, state: RunState) -> list[str]:
+    """Hook the cached span of the MM-DiT blocks named in execution order; returns the hooked names."""
+    span = [block_names[index] for index in cached_span(len(block_names), branch)]
+    for name in span:
+        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
+        registry.register_hook(JointBlockSpanHook(state, first=name == span[0], last=name == span[-1]), HOOK_NAME)
+    return span

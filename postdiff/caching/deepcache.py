@@ -2,11 +2,15 @@
 from the last "full" step instead of running, so only the shallow branch computes.
 
 Skip connections s_0 (conv_in), s_1, ... are the outputs of the down path's layers in order (a layer is a
-resnet with its attention, or a down-sampler). Branch b keeps s_0..s_{b+1} live: conv_in and the first
-b+1 down layers run, and so do the up layers that consume those skips. Everything between (deeper down
-layers, the mid block, deeper up layers and their up-samplers) is the deep part. Branch 0 reproduces the
-paper's DeepCache FLOPs; the DeepCache package counts `cache_branch_id` differently (our 0 / 1 / 2 are its
-1 / 3 / 4 on the test U-Net, bit for bit). Whole blocks inside the deep part are hooked as one module.
+resnet with its attention, or a down-sampler). Branch b keeps s_0..s_b live: conv_in and the first b down
+layers run, and so do the up layers that consume those skips. Everything between (deeper down layers, the
+mid block, deeper up layers and their up-samplers) is the deep part. This is the DeepCache package's
+`cache_branch_id`: on SD's layout (2 resnets and a down-sampler a block, which its `id // 3`, `id % 3`
+indexing assumes) postdiff's branch b and its `cache_branch_id` b run the same modules, bit for bit
+(tests/test_external.py); on other layouts postdiff counts by skip, which is what DeepCache means.
+Branch 0 (conv_in and the last up layer only) is DeepCache's default and fastest; branch 1 reproduces the
+paper's DeepCache FLOPs. Valid branches: 0 .. number of down layers (the last caches only the mid block).
+Whole blocks inside the deep part are hooked as one module.
 """
 
 from __future__ import annotations
@@ -65,17 +69,15 @@ def _resnet_and_attention(block, name: str, layer: int) -> tuple[str, ...]:
 
 def max_branch(unet: torch.nn.Module) -> int:
     down, _ = unet_layers(unet)
-    return len(down) - 1
+    return len(down)
 
 
 def deep_modules(unet: torch.nn.Module, branch: int) -> list[str]:
-    """Names of the modules skipped on cached steps (whole blocks where a block is entirely deep)."""
+    """Names of the modules skipped on cached steps (whole blocks where a block is entirely deep); `branch`
+    was validated by the denoiser kind (0..max_branch)."""
     down, up = unet_layers(unet)
-    if not 0 <= branch < len(down):
-        raise ValueError(f"cache_branch={branch} is not allowed: this U-Net has branches 0..{len(down) - 1}")
-    keep = branch + 1  # skips s_0..s_keep stay live
-    deep_down = [layer for layer in down if layer.skip > keep]
-    first_live_up = next(i for i, layer in enumerate(up) if layer.skip is not None and layer.skip <= keep)
+    deep_down = [layer for layer in down if layer.skip > branch]  # skips s_0..s_branch stay live
+    first_live_up = next(i for i, layer in enumerate(up) if layer.skip is not None and layer.skip <= branch)
     deep_up = up[:first_live_up]
     names = _coarsen(deep_down, down) + ["mid_block"] * (unet.mid_block is not None) + _coarsen(deep_up, up)
     return names
@@ -103,7 +105,7 @@ class DeepCacheHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         step = self.state.step
-        if step is not None and step.unet == "cached":
+        if step is not None and step.deep == "cached":
             return self.state.deep[self.name]
         output = self.fn_ref.original_forward(*args, **kwargs)
         if step is not None:
@@ -117,10 +119,3 @@ def apply_deepcache(unet: torch.nn.Module, branch: int, state: RunState) -> list
         registry = HookRegistry.check_if_exists_or_initialize(unet.get_submodule(name))
         registry.register_hook(DeepCacheHook(name, state), HOOK_NAME)
     return names
-
-
-def remove_hooks(model: torch.nn.Module, hook_name: str) -> None:
-    for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(hook_name, recurse=False)

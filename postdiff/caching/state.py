@@ -15,6 +15,7 @@ class RunState:
     latent_hw: tuple[int, int] | None = None
     num_images: int = 0  # conditional batch size (images per call)
     guidance_scale: float = 1.0
+    pass_name: str = ""  # which denoiser pass of a step runs: "" (the CFG batch), "uncond:" (FLUX's second pass)
     deep: dict = field(default_factory=dict)  # DeepCache: module name -> output of the last full step; block caching: residual
     cross_attention: dict = field(default_factory=dict)  # module name -> CrossAttentionEntry
 
@@ -26,6 +27,7 @@ class RunState:
     def reset(self) -> None:
         self.step = None
         self.latent_hw = None
+        self.pass_name = ""
         self.deep.clear()
         self.cross_attention.clear()
 

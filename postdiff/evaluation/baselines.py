@@ -6,7 +6,13 @@ A method is named by a short spec, "name:key=value,key=value":
   package default), 2 on the embedded model, whose first level has no attention. Its random partition
   generator is re-seeded for every prompt, so results do not depend on the order or sharding of prompts.
 - "deepcache-package:interval=2,branch=1" - the PyPI `DeepCache` package's own `DeepCacheSDHelper`
-  (`cache_interval`, `cache_branch_id` in its numbering; branch 1 there is our branch 0 on the embedded model).
+  (`cache_interval`, `cache_branch_id`: the same numbering as postdiff's `cache_branch`; branch 0 when not given).
+- "first-block-cache:threshold=0.05", "taylorseer:interval=5,order=1,warmup=3",
+  "magcache:threshold=0.06,max_skip=3,retention=0.2" - diffusers' own caches for transformers
+  (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`; MagCache with diffusers' published
+  FLUX ratios, so FLUX only), enabled through diffusers' `CacheMixin`. SD3's transformer has their blocks
+  but not the mixin (and its pipeline sets no cache context), so it gets the mixin as a subclass and the
+  conditional context for the method's duration. Their state is reset before every call.
 
 The cost of a method postdiff does not plan is measured: one real 1-image call under torch's FLOP counter,
 keeping the denoiser's own count (same "macs" convention as the plan-based accounting; tested equal to it
@@ -16,6 +22,7 @@ on PostDiff's own configurations).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +31,14 @@ from diffusers.models.attention_processor import AttnProcessor
 from ..accounting import count_call
 from ..config import ConfigError
 
-KNOWN_ARGUMENTS = {"tomesd": {"ratio": float}, "deepcache-package": {"interval": int, "branch": int}}
+KNOWN_ARGUMENTS = {
+    "tomesd": {"ratio": float},
+    "deepcache-package": {"interval": int, "branch": int},
+    "first-block-cache": {"threshold": float},
+    "taylorseer": {"interval": int, "order": int, "warmup": int},
+    "magcache": {"threshold": float, "max_skip": int, "retention": float},
+}
+OPTIONAL_ARGUMENTS = {"deepcache-package": {"branch"}, "taylorseer": {"order", "warmup"}, "magcache": {"max_skip", "retention"}}
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class ExternalMethod:
                 arguments[key] = allowed[key](value)
             except ValueError:
                 raise ConfigError(f"external={spec!r}: {key}={value!r} is not a {allowed[key].__name__}") from None
-        missing = set(allowed) - set(arguments) - ({"branch"} if name == "deepcache-package" else set())
+        missing = set(allowed) - set(arguments) - OPTIONAL_ARGUMENTS.get(name, set())
         if missing:
             raise ConfigError(f"external={spec!r}: missing {', '.join(sorted(missing))}")
         return cls(name, tuple(sorted(arguments.items())))
@@ -57,9 +71,13 @@ class ExternalMethod:
         return f"{self.name}:" + ",".join(f"{key}={value}" for key, value in self.arguments)
 
     @contextlib.contextmanager
-    def applied(self, pipe):
+    def applied(self, pipe, num_inference_steps: int = 28):
         """The method patched onto `pipe` for the duration; yields a callable to run before each seeded call."""
         arguments = dict(self.arguments)
+        if self.name in DIFFUSERS_CACHES:
+            with diffusers_cache(pipe.transformer, DIFFUSERS_CACHES[self.name](arguments, num_inference_steps)) as reset:
+                yield lambda seed: reset()
+            return
         if self.name == "tomesd":
             import tomesd
 
@@ -80,6 +98,82 @@ class ExternalMethod:
             helper.disable()
 
 
+def _first_block_cache(arguments: dict, steps: int):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    return FirstBlockCacheConfig(threshold=arguments["threshold"])
+
+
+def _taylorseer(arguments: dict, steps: int):
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(cache_interval=arguments["interval"], max_order=int(arguments.get("order", 1)),
+                                 disable_cache_before_step=int(arguments.get("warmup", 3)), taylor_factors_dtype=torch.float32)
+
+
+def _magcache(arguments: dict, steps: int):
+    from diffusers.hooks import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    return MagCacheConfig(threshold=arguments["threshold"], max_skip_steps=int(arguments.get("max_skip", 3)),
+                          retention_ratio=arguments.get("retention", 0.2), num_inference_steps=steps,
+                          mag_ratios=FLUX_MAG_RATIOS)
+
+
+DIFFUSERS_CACHES = {"first-block-cache": _first_block_cache, "taylorseer": _taylorseer, "magcache": _magcache}
+
+
+@contextlib.contextmanager
+def diffusers_cache(transformer, config):
+    """diffusers' cache `config` enabled on `transformer` for the duration; yields the reset to call before
+    each pipeline call. A transformer without `CacheMixin` (SD3's) gets it as a subclass for the duration,
+    and the conditional cache context its pipeline never sets."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.models.cache_utils import CacheMixin
+
+    original_class = type(transformer)
+    own_context = not isinstance(transformer, CacheMixin)
+    if own_context:
+        transformer.__class__ = _with_cache_mixin(original_class)
+    _enable(transformer, config)
+
+    def reset() -> None:
+        transformer._reset_stateful_cache()  # drops the context too
+        if own_context:
+            _set_cache_context(transformer, CacheContext("cond"))
+
+    reset()
+    try:
+        yield reset
+    finally:
+        if own_context:
+            _set_cache_context(transformer, None)
+        transformer.disable_cache()
+        transformer.__class__ = original_class
+
+
+def _enable(transformer, config) -> None:
+    """`enable_cache`; but First Block Cache's tail block must return the text stream, which SD3's last block
+    (`context_pre_only`) does not: there it caches the blocks before the last one, and the last runs always."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not (isinstance(config, FirstBlockCacheConfig) and blocks and getattr(blocks[-1], "context_pre_only", False)):
+        transformer.enable_cache(config)
+        return
+    holder = torch.nn.Module()
+    holder.transformer_blocks = torch.nn.ModuleList(list(blocks)[:-1])  # the same block objects
+    apply_first_block_cache(holder, config)
+    transformer._cache_config = config  # so that `disable_cache` removes the hooks from the blocks
+
+
+@functools.cache
+def _with_cache_mixin(cls: type) -> type:
+    from diffusers.models.cache_utils import CacheMixin
+
+    return type(cls.__name__, (cls, CacheMixin), {"__module__": cls.__module__})
+
+
 def first_attention_downsample(unet) -> int:
     """tomesd's `max_downsample` that reaches the highest-resolution level with attention blocks."""
     level = next(i for i, block in enumerate(unet.down_blocks) if getattr(block, "attentions", None))
@@ -93,9 +187,24 @@ def _reseed_tomesd(unet, seed: int) -> None:
 def measured_denoiser_macs(pipe, **call_arguments) -> float:
     """Denoiser MACs of one real call (attention score/value products excluded, as in the "macs" convention)."""
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    processors = denoiser.attn_processors
-    denoiser.set_attn_processor(AttnProcessor())  # products the counter can see and separate
-    try:
+    with countable_attention(denoiser):
         return count_call(lambda: pipe(**call_arguments), scope=type(denoiser).__name__)[0]
+
+
+@contextlib.contextmanager
+def countable_attention(denoiser):
+    """Attention as matrix products the counter sees and separates: the classic processor where the model
+    takes it (U-Nets, PixArt), else PyTorch's math kernel for `scaled_dot_product_attention` (MM-DiTs,
+    whose joint processors are their own)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if any("Joint" in type(p).__name__ or "Flux" in type(p).__name__ for p in denoiser.attn_processors.values()):
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+        return
+    processors = denoiser.attn_processors
+    denoiser.set_attn_processor(AttnProcessor())
+    try:
+        yield
     finally:
         denoiser.set_attn_processor(processors)

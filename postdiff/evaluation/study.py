@@ -20,7 +20,7 @@ def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
     """Fewer steps, and cheaper steps at the full step count: mixed resolution, DeepCache, CFG stop."""
     fewer = grid(list(range(4, max_steps + 1, 2)))
     cheaper = grid([max_steps, max_steps * 3 // 4], betas=[1.0, 0.5], switches=[0, 0.25, 0.5], cache_intervals=[1, 2, 3],
-                   cfg_stops=[None, max_steps // 4, max_steps // 2])
+                   cache_branches=[1], cfg_stops=[None, max_steps // 4, max_steps // 2])  # branch 1: the published study's
     return list(dict.fromkeys(fewer + cheaper))
 
 
@@ -166,7 +166,7 @@ def sample_grid(pipe, point: SweepPoint, guidance_scale: float, per_row: int, pa
     """One row per class, `per_row` images each, 2x nearest upscale (the embedded model's 32 px images)."""
     from PIL import Image
 
-    from .quality import generate_per_class
+    from .workloads import generate_per_class
 
     with point.applied(pipe) as before_call:
         images, _ = generate_per_class(pipe, per_row, point.steps, guidance_scale, seed, before_call=before_call)

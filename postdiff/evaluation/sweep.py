@@ -46,14 +46,11 @@ class SweepPoint:
     def applied(self, pipe):
         """PostDiff's config, or the external method, on `pipe`; yields a callable run before each seeded call."""
         if self.external:
-            with ExternalMethod.parse(self.external).applied(pipe) as before_call:
+            with ExternalMethod.parse(self.external).applied(pipe, self.steps) as before_call:
                 yield before_call
             return
-        api.apply(pipe, self.config)
-        try:
+        with api.applied(pipe, self.config):
             yield lambda seed: None
-        finally:
-            api.remove(pipe)
 
 
 @dataclass(frozen=True)
@@ -69,8 +66,9 @@ class SweepContext:
     classes: tuple[int, ...] = tuple(range(10))
 
     @classmethod
-    def for_workload(cls, workload: Workload, model: str, **fields) -> "SweepContext":
-        return cls(model=model, prompt_set=workload.name, classes=tuple(range(len(workload.prompts))), **fields)
+    def for_workload(cls, workload: Workload, model: str | None, **fields) -> "SweepContext":
+        """`model` None is the embedded model, named "testbed" in keys."""
+        return cls(model=model or "testbed", prompt_set=workload.name, classes=tuple(range(len(workload.prompts))), **fields)
 
 
 def point_key(point: SweepPoint, context: SweepContext) -> str:
@@ -82,15 +80,20 @@ def point_key(point: SweepPoint, context: SweepContext) -> str:
 
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
-         presets=(), family: str = "testbed", progressives=((),), externals=()) -> list[SweepPoint]:
+         presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,)) -> list[SweepPoint]:
     """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
-    switch) left out and duplicates merged; presets and external methods are added at every step count."""
+    switch) left out and duplicates merged; presets and external methods are added at every step count.
+
+    `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
+    default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
+    use and the one the published study measured."""
     points = []
-    for n, beta, switch, interval, stop, mode, stages in itertools.product(
-            steps, betas, switches, cache_intervals, cfg_stops, ca_modes, progressives):
+    for n, beta, switch, interval, branch, stop, mode, stages in itertools.product(
+            steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives):
         if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch):
             continue
-        config = PostDiffConfig(beta=beta, switch=switch, cache_interval=interval, cfg_stop=stop, ca_mode=mode, progressive=stages)
+        caching = {"cache_interval": interval, "cache_branch": branch} if interval > 1 else {}
+        config = PostDiffConfig(beta=beta, switch=switch, cfg_stop=stop, ca_mode=mode, progressive=stages, **caching)
         points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
     points += [SweepPoint(PostDiffConfig(), n, ExternalMethod.parse(spec).spec) for spec in externals for n in steps]
@@ -171,7 +174,8 @@ def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float, workload:
 
 
 def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
-    """Score every point not in the store yet; returns the store's rows for `points` (old and new).
+    """Score every point not in the store yet; returns the store's rows for `points` (old and new), in the
+    order of `points`.
 
     `progress(total)`, when given, is called once with the number of points to score and returns a
     callable run after each of them (the CLI's progress bar)."""
@@ -187,5 +191,5 @@ def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepSt
             store.append(row)
         advance()
     state.wait_for_everyone()
-    wanted = {point_key(point, context) for point in points}
-    return [row for row in store.rows() if row["key"] in wanted]
+    stored = {row["key"]: row for row in store.rows()}
+    return [stored[key] for key in dict.fromkeys(point_key(point, context) for point in points)]

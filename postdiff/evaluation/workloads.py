@@ -15,11 +15,37 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..loading import is_testbed, load_pipeline
+from ..testbed.data import CLASS_NAMES
 from ..testbed.text import canonical_prompt
-from .quality import generate_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def generate_images(pipe, prompts: dict[int, str], per_prompt: int, steps: int, guidance_scale: float, seed: int = 0,
+                    before_call=None, **call_arguments) -> tuple[np.ndarray, np.ndarray]:
+    """`per_prompt` images of each prompt, one call per prompt seeded `seed + index` (`before_call(seed)` first,
+    when given: external methods with random state of their own re-seed there); images (N, H, W, C) in [0, 1]
+    and the prompt index of each."""
+    images, indices = [], []
+    for index, prompt in prompts.items():
+        if before_call is not None:
+            before_call(seed + index)
+        output = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      output_type="np", generator=torch.Generator().manual_seed(seed + index), **call_arguments)
+        images.append(output.images)
+        indices.extend([index] * per_prompt)
+    return np.concatenate(images), np.asarray(indices)
+
+
+def generate_per_class(pipe, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
+                       classes: range | list[int] | None = None, before_call=None) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` images of "a photo of a NAME" for each class (the embedded model's prompt set)."""
+    classes = list(classes if classes is not None else range(len(CLASS_NAMES)))
+    prompts = {label: canonical_prompt(label) for label in classes}
+    return generate_images(pipe, prompts, per_class, steps, guidance_scale, seed, before_call, negative_prompt="")
 
 
 class Workload:
@@ -75,7 +101,7 @@ class PromptFile(Workload):
         return np.stack([np.asarray(Image.open(p).convert("RGB").resize((side, side), Image.BICUBIC)) for p in self.reference_paths])
 
     def score(self, images, prompt_indices) -> dict:
-        from .metrics import standard_clip_score, standard_fid
+        from ..metrics import standard_clip_score, standard_fid
 
         model, processor = self.clip_model, self.clip_processor
         if isinstance(model, (str, Path)):
@@ -87,3 +113,17 @@ class PromptFile(Workload):
             "fd": standard_fid(self.reference_images(images.shape[1]), images, self.fid_features),
             "alignment": standard_clip_score(images, prompts, model, processor),
         }
+
+
+def open_workload(model: str | None, prompts: Path | None, reference: Path | None, clip_model: str):
+    """(pipeline, workload): the embedded model's classes, or a prompt file scored by FID and CLIP score.
+    Arguments are checked before any model is loaded."""
+    testbed = is_testbed(model)
+    if testbed and (prompts or reference):
+        raise ValueError("--prompts and --reference are for pipelines other than the embedded model (give --model)")
+    if not testbed and not (prompts and reference):
+        raise ValueError(f"model={model!r} is not the embedded model: give --prompts FILE and --reference DIR to score it")
+    workload = FashionClasses() if testbed else PromptFile(prompts, reference, clip_model=clip_model)
+    pipe, _ = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, workload

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from ..config import ConfigError
+from ..denoisers import DENOISER_KINDS, DenoiserKind
 from ..plan import ModelFacts
+from ..schedulers import traits_of
 
 _FAMILIES: list[type["Family"]] = []
 
@@ -39,21 +43,19 @@ class Family:
     pipeline_names: tuple[str, ...] = ()
     unsupported_arguments: tuple[str, ...] = ()  # arguments PostDiff refuses when they are not None
     denoiser_attribute = "unet"  # the pipeline component that denoises
-    denoiser_kind = "unet"  # accounting.DENOISER_KINDS key
+    denoiser_kind = "unet"  # denoisers.DENOISER_KINDS key
     max_text_length = 77  # prompt tokens the denoiser sees (CLIP: 77; T5-based families: more)
 
     @classmethod
-    def install_caches(cls, denoiser, config, state) -> None:
-        """Install the hooks the config needs on the denoiser (called by `postdiff.apply`)."""
-        from ..caching import install_unet_caches
-
-        install_unet_caches(denoiser, config, state)
+    def kind(cls) -> DenoiserKind:
+        return DENOISER_KINDS[cls.denoiser_kind]
 
     def __init__(self, pipe, arguments: dict):
         self.pipe = pipe
         self.args = arguments
         self.device = pipe._execution_device
         self.denoised = None  # the scheduler's x0 of the last step, where it gives one (LCM)
+        self.state = None  # the call's RunState (set by the sampler): families with several passes a step name them
 
     @property
     def eta(self):
@@ -73,7 +75,14 @@ class Family:
         raise NotImplementedError
 
     def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
-        raise NotImplementedError
+        traits = traits_of(self.pipe.scheduler)
+        repeats = traits.restart_repeats if traits is not None else 0
+        facts = self.kind().facts(getattr(self.pipe, self.denoiser_attribute), latent_hw, repeats)
+        return replace(facts, text_length=self.text_length())
+
+    def text_length(self) -> int | None:
+        """Text tokens the denoiser sees in this call, where the call decides it (None: the model's own)."""
+        return None
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -95,6 +104,26 @@ class Family:
     def guidance_rescale(self) -> float:
         return self.pipe.guidance_rescale
 
+    def extra_step_kwargs(self) -> dict:
+        """Keyword arguments of `scheduler.step` (eta, generator), as the pipeline prepares them."""
+        return self.pipe.prepare_extra_step_kwargs(self.args["generator"], self.eta)
+
+    def predict(self, scheduler, latents: torch.Tensor, t, cfg: bool, scale: float) -> torch.Tensor:
+        """The guided model output of one step: one denoiser call on the CFG batch [uncond, cond] (or the
+        conditional batch alone), scaled input as the scheduler wants it."""
+        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        output = self.denoise(model_input, t, cfg, scale)
+        return self.guide(output) if cfg else output
+
+    def guide(self, output: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance of a CFG batch's output, with the pipeline's guidance rescale."""
+        uncond, cond = output.chunk(2)
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        if self.guidance_rescale > 0.0:
+            guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.guidance_rescale)
+        return guided
+
     def step_latents(self, output) -> torch.Tensor:
         """The latents the loop goes on with, from `scheduler.step(..., return_dict=False)`: its first entry."""
         return output[0]
@@ -114,6 +143,13 @@ class Family:
 
     def callback_tensors(self, latents: torch.Tensor) -> dict:
         return {"latents": latents}
+
+    def take_callback_outputs(self, outputs: dict) -> None:
+        """Apply what `callback_on_step_end` returned besides the latents, as the pipeline's loop does."""
+
+    def callback_latents(self, outputs: dict, latents: torch.Tensor) -> torch.Tensor:
+        """The latents the loop goes on with after a callback (in the loop's layout)."""
+        return outputs.get("latents", latents)
 
 
 def call_with(function, arguments: dict, **overrides):

@@ -25,20 +25,7 @@ from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma_pipe
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 
-from ..caching.blocks import max_block_branch
-from ..plan import ModelFacts
 from .base import Family, register
-from .sd import restart_repeats
-
-
-def transformer_facts(transformer, latent_hw: tuple[int, int], repeats: int) -> ModelFacts:
-    """Plan facts of a DiT: sides in whole patches; block caching branches 0..(N - 3) // 2 (caching/blocks.py)."""
-    num_blocks = len(transformer.transformer_blocks)
-    deepest = max_block_branch(num_blocks)
-    return ModelFacts(
-        latent_hw, size_multiple=transformer.config.patch_size, max_cache_branch=deepest if deepest >= 0 else None,
-        restart_repeats=repeats, num_blocks=num_blocks if deepest >= 0 else None,
-    )
 
 
 @register
@@ -52,12 +39,6 @@ class PixArtAlphaFamily(Family):
     bins = {128: alpha_pipeline.ASPECT_RATIO_1024_BIN, 64: alpha_pipeline.ASPECT_RATIO_512_BIN, 32: alpha_pipeline.ASPECT_RATIO_256_BIN}
     resolution_condition = True  # alpha passes resolution and aspect ratio when sample_size == 128
     pipeline_module = alpha_pipeline
-
-    @classmethod
-    def install_caches(cls, denoiser, config, state) -> None:
-        from ..caching import install_transformer_caches
-
-        install_transformer_caches(denoiser, config, state)
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)
@@ -132,9 +113,6 @@ class PixArtAlphaFamily(Family):
     def _begin(self, scheduler) -> None:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-
-    def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
-        return transformer_facts(self.pipe.transformer, latent_hw, restart_repeats(type(self.pipe.scheduler).__name__))
 
     # -- compute
     def encode(self) -> None:

@@ -11,18 +11,7 @@ import torch
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from ..caching.deepcache import max_branch
-from ..plan import ModelFacts
 from .base import Family, call_with, register
-
-
-def unet_size_multiple(unet) -> int:
-    return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in unet.down_blocks)
-
-
-def restart_repeats(scheduler_name: str) -> int:
-    """PNDM (PLMS) evaluates its second timestep twice while warming up; a restarted one does it again."""
-    return 1 if scheduler_name == "PNDMScheduler" else 0
 
 
 @register
@@ -75,10 +64,6 @@ class StableDiffusionFamily(Family):
         self.pipe._num_timesteps = len(timesteps)
         return timesteps
 
-    def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
-        unet = self.pipe.unet
-        return ModelFacts(latent_hw, unet_size_multiple(unet), max_branch(unet), restart_repeats(type(self.pipe.scheduler).__name__))
-
     def encode(self) -> None:
         pipe, a = self.pipe, self.args
         cross_attention_kwargs = a["cross_attention_kwargs"]
@@ -113,6 +98,20 @@ class StableDiffusionFamily(Family):
     def callback_tensors(self, latents: torch.Tensor) -> dict:
         return {"latents": latents, "prompt_embeds": self.cfg_embeds if self.do_cfg else self.prompt_embeds,
                 "negative_prompt_embeds": self.negative_prompt_embeds}
+
+    def take_callback_outputs(self, outputs: dict) -> None:
+        """The pipeline goes on with a returned `prompt_embeds` (the CFG batch [negative, prompt] under CFG);
+        after PostDiff's CFG stop the conditional half of it is used. `negative_prompt_embeds` is kept, unused
+        by the loop, as in the pipeline (it was concatenated before the loop)."""
+        if "prompt_embeds" in outputs:
+            self.set_prompt_embeds(outputs["prompt_embeds"])
+        self.negative_prompt_embeds = outputs.get("negative_prompt_embeds", self.negative_prompt_embeds)
+
+    def set_prompt_embeds(self, embeds: torch.Tensor) -> None:
+        if self.do_cfg:
+            self.cfg_embeds, self.prompt_embeds = embeds, embeds[self.num_images :]
+        else:
+            self.prompt_embeds = embeds
 
     def decode(self, latents: torch.Tensor):
         pipe, a = self.pipe, self.args
@@ -167,6 +166,11 @@ class LatentConsistencyFamily(StableDiffusionFamily):
 
     def callback_tensors(self, latents: torch.Tensor) -> dict:
         return {"latents": latents, "denoised": self.denoised, "prompt_embeds": self.prompt_embeds, "w_embedding": self.timestep_cond}
+
+    def take_callback_outputs(self, outputs: dict) -> None:
+        self.prompt_embeds = outputs.get("prompt_embeds", self.prompt_embeds)
+        self.timestep_cond = outputs.get("w_embedding", self.timestep_cond)
+        self.denoised = outputs.get("denoised", self.denoised)
 
 
 @register

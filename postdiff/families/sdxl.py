@@ -16,10 +16,6 @@ from .base import call_with, register
 from .sd import StableDiffusionFamily, guidance_embedding
 
 
-def _scaled(size, scale: float):
-    return tuple(round(value * scale) for value in size)
-
-
 @register
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
@@ -59,29 +55,34 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             self.projection_dim = pipe.text_encoder_2.config.projection_dim
         self.cfg_embeds = torch.cat([self.negative_prompt_embeds, self.prompt_embeds], dim=0) if self.do_cfg else None
         self.cfg_text_embeds = torch.cat([self.negative_pooled, self.pooled], dim=0) if self.do_cfg else None
-        self.time_ids = {}
+        self.add_time_ids = self._full_resolution_time_ids()
+        self.time_ids = {}  # (scale, cfg) -> the ids a phase passes
         self.timestep_cond = guidance_embedding(pipe, a["guidance_scale"], self.num_images, self.device, self.prompt_embeds.dtype)
 
+    def _full_resolution_time_ids(self) -> torch.Tensor:
+        """Added time ids as the pipeline builds them (cat [negative, ids] under CFG, then repeat per image)."""
+        a = self.args
+        full = (self.height, self.width)
+        ids = self._ids(a["original_size"] or full, a["crops_coords_top_left"], a["target_size"] or full)
+        if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+            negative = self._ids(a["negative_original_size"], a["negative_crops_coords_top_left"], a["negative_target_size"])
+        else:
+            negative = ids
+        ids = torch.cat([negative, ids], dim=0) if self.do_cfg else ids
+        return ids.to(self.device).repeat(self.num_images, 1)
+
+    def _ids(self, original_size, crops, target_size) -> torch.Tensor:
+        return self.pipe._get_add_time_ids(original_size, crops, target_size, dtype=self.prompt_embeds.dtype,
+                                           text_encoder_projection_dim=self.projection_dim)
+
     def _time_ids(self, scale: float, cfg: bool) -> torch.Tensor:
-        """Added time ids for a phase, built as the pipeline builds them (cat, then repeat per image)."""
+        """A phase's ids: sizes and crop scaled with the latent (rounded); after the CFG stop, the rows the
+        conditional images had under CFG."""
         key = (scale, cfg)
         if key not in self.time_ids:
-            a = self.args
-            full = (self.height, self.width)
-            ids = self._ids(a["original_size"] or full, a["crops_coords_top_left"], a["target_size"] or full, scale)
-            if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
-                negative = self._ids(a["negative_original_size"], a["negative_crops_coords_top_left"], a["negative_target_size"], scale)
-            else:
-                negative = ids
-            ids = torch.cat([negative, ids], dim=0) if cfg else ids
-            self.time_ids[key] = ids.to(self.device).repeat(self.num_images, 1)
+            ids = self.add_time_ids if cfg or not self.do_cfg else self.add_time_ids[self.num_images :]
+            self.time_ids[key] = ids if scale == 1.0 else torch.round(ids * scale)
         return self.time_ids[key]
-
-    def _ids(self, original_size, crops, target_size, scale: float) -> torch.Tensor:
-        return self.pipe._get_add_time_ids(
-            _scaled(original_size, scale), _scaled(crops, scale), _scaled(target_size, scale),
-            dtype=self.prompt_embeds.dtype, text_encoder_projection_dim=self.projection_dim,
-        )
 
     def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
         added = {"text_embeds": (self.cfg_text_embeds if cfg else self.pooled).to(self.device),
@@ -100,8 +101,21 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         cfg = self.do_cfg
         return {"latents": latents, "prompt_embeds": self.cfg_embeds if cfg else self.prompt_embeds,
                 "add_text_embeds": self.cfg_text_embeds if cfg else self.pooled,
-                "add_time_ids": self._time_ids(1.0, cfg), "negative_prompt_embeds": self.negative_prompt_embeds,
+                "add_time_ids": self.add_time_ids, "negative_prompt_embeds": self.negative_prompt_embeds,
                 "negative_pooled_prompt_embeds": self.negative_pooled}
+
+    def take_callback_outputs(self, outputs: dict) -> None:
+        """`prompt_embeds`, `add_text_embeds` and `add_time_ids` as the pipeline goes on with them (CFG layout
+        under CFG); later phases and the CFG stop derive their inputs from the returned tensors."""
+        super().take_callback_outputs(outputs)
+        if "add_text_embeds" in outputs:
+            embeds = outputs["add_text_embeds"]
+            if self.do_cfg:
+                self.cfg_text_embeds, self.pooled = embeds, embeds[self.num_images :]
+            else:
+                self.pooled = embeds
+        if "add_time_ids" in outputs:
+            self.add_time_ids, self.time_ids = outputs["add_time_ids"], {}
 
     def decode(self, latents: torch.Tensor):
         pipe, a = self.pipe, self.args

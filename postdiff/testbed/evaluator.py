@@ -23,7 +23,7 @@ import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from postdiff.evaluation.metrics import feature_statistics, frechet_distance, images_to_unit
+from ..metrics import feature_statistics, frechet_distance, images_to_unit
 
 from .data import load_split, to_model_range
 
@@ -78,7 +78,7 @@ class FashionClassifier(nn.Module):
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Any supported image batch (see postdiff.evaluation.metrics) -> (N, 1, 32, 32) float in [-1, 1].
+    """Any supported image batch (see postdiff.metrics) -> (N, 1, 32, 32) float in [-1, 1].
 
     Raw 28x28 dataset images are padded with background, as `data.to_model_range` does.
     """

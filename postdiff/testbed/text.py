@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def caption_for(label: int, rng: random.Random) -> str:
 
 def canonical_prompt(label: int) -> str:
     return f"a photo of a {CLASS_NAMES[label]}"
+
+def classes_named(prompt: str) -> list[int]:
+    """The classes that `prompt` names by any of their synonyms, as whole words ("a photo of a cat": none)."""
+    text = prompt.lower()
+    return [label for label, names in CLASS_SYNONYMS.items()
+            if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) for name in names)]
 
 def _word_pieces() -> list[str]:
     words = set(EXTRA_WORDS)

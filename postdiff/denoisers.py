@@ -1,0 +1,248 @@
+"""Denoiser kinds: everything postdiff knows about one kind of denoiser network, in one place, for the
+sampler and the accounting alike: how its plan facts are read (latent size rule, cache branches), how its
+cache branch is validated, how PostDiff's caches are installed on it, and how it is built and fed on the
+meta device for counting. Families (pipelines) name their kind; nothing here knows about pipelines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .caching import blocks, cross_attention, deepcache
+from .caching.state import RunState
+from .config import ConfigError, PostDiffConfig
+from .plan import ModelFacts, check_cache_branch
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """A denoiser known by its config: its kind, the config, and the text length its cross-attention sees."""
+
+    config: dict
+    text_length: int = 77
+    kind: str = "unet"  # key of DENOISER_KINDS
+
+
+class DenoiserKind:
+    name = "denoiser"
+
+    # -- structure
+    def describe(self, model: torch.nn.Module) -> str:
+        """How error messages name the model ("U-Net", "transformer (28 blocks)")."""
+        return self.name
+
+    def size_multiple(self, model: torch.nn.Module) -> int:
+        raise NotImplementedError
+
+    def max_cache_branch(self, model: torch.nn.Module) -> int | None:
+        """The deepest valid `cache_branch`; None when the model has nothing to cache."""
+        raise NotImplementedError
+
+    def facts(self, model: torch.nn.Module, latent_hw: tuple[int, int], restart_repeats: int = 0) -> ModelFacts:
+        return ModelFacts(latent_hw, self.size_multiple(model), self.max_cache_branch(model), restart_repeats,
+                          denoiser=self.describe(model))
+
+    def check(self, model: torch.nn.Module, config: PostDiffConfig) -> None:
+        check_cache_branch(config, self.max_cache_branch(model), self.describe(model))
+
+    # -- caches
+    def install_caches(self, model: torch.nn.Module, config: PostDiffConfig, state: RunState) -> None:
+        """Validate, then install the hooks the config needs (the deep / block cache and the cross-attention cache)."""
+        self.check(model, config)
+        if config.deepcache:
+            self.install_deep_cache(model, config.cache_branch, state)
+        if config.cross_attention_cache:
+            cross_attention.apply_cross_attention_cache(model, config.ca_mode, state)
+
+    def install_deep_cache(self, model: torch.nn.Module, branch: int, state: RunState) -> None:
+        raise NotImplementedError
+
+    # -- counting on the meta device
+    def build(self, config: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def prepare_for_counting(self, model: torch.nn.Module) -> None:
+        """The classic processor computes attention with bmm/baddbmm, which the counter sees and can separate."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.set_attn_processor(AttnProcessor())
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        raise NotImplementedError
+
+
+class UNetKind(DenoiserKind):
+    """`UNet2DConditionModel` (SD 1.x/2.x, SDXL, LCM, the embedded model): DeepCache (caching/deepcache.py)."""
+
+    name = "U-Net"
+
+    def size_multiple(self, model) -> int:
+        return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in model.down_blocks)
+
+    def max_cache_branch(self, model) -> int:
+        return deepcache.max_branch(model)
+
+    def install_deep_cache(self, model, branch, state) -> None:
+        deepcache.apply_deepcache(model, branch, state)
+
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        inputs = {
+            "sample": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
+            "timestep": torch.tensor(500, device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, config["cross_attention_dim"], device="meta"),
+        }
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text and time ids
+            text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(batch, text_dim, device="meta"),
+                "time_ids": torch.empty(batch, 6, device="meta"),
+            }
+        return inputs
+
+
+class PixArtKind(DenoiserKind):
+    """`PixArtTransformer2DModel`: block caching of `transformer_blocks` (caching/blocks.py).
+
+    On the meta device the sin-cos `pos_embed` buffer is only a shape, which is all counting needs (it is
+    never materialized with `to_empty`); at other sizes `PatchEmbed` recomputes it from the input's grid, as
+    on real tensors (elementwise work, not counted)."""
+
+    name = "transformer"
+
+    def describe(self, model) -> str:
+        return f"transformer ({len(model.transformer_blocks)} blocks)"
+
+    def size_multiple(self, model) -> int:
+        return model.config.patch_size
+
+    def max_cache_branch(self, model) -> int | None:
+        deepest = blocks.max_block_branch(len(model.transformer_blocks))
+        return deepest if deepest >= 0 else None
+
+    def install_deep_cache(self, model, branch, state) -> None:
+        blocks.apply_block_cache(model, branch, state)
+
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import PixArtTransformer2DModel
+
+        with torch.device("meta"):
+            return PixArtTransformer2DModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        caption_channels = config.get("caption_channels") or config.get("cross_attention_dim", 1152)
+        inputs = {
+            "hidden_states": torch.empty(batch, config.get("in_channels", 4), *latent_hw, device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, caption_channels, device="meta"),
+            "encoder_attention_mask": torch.ones(batch, spec.text_length, dtype=torch.int64, device="meta"),
+            "timestep": torch.full((batch,), 500, dtype=torch.int64, device="meta"),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+        additional = config.get("use_additional_conditions")
+        if additional or (additional is None and config.get("sample_size", 128) == 128):  # PixArt-alpha 1024
+            inputs["added_cond_kwargs"] = {"resolution": torch.empty(batch, 2, device="meta"),
+                                           "aspect_ratio": torch.empty(batch, 1, device="meta")}
+        return inputs
+
+
+class MMDiTKind(DenoiserKind):
+    """Rectified-flow MM-DiTs: blocks that carry an image and a text stream (caching/blocks.py, joint spans).
+    Their attention runs through `scaled_dot_product_attention`, which the counter decomposes on the meta
+    device into the same bmm products it separates for the classic processor."""
+
+    name = "transformer"
+    block_lists: tuple[str, ...] = ("transformer_blocks",)  # in execution order
+
+    def block_names(self, model) -> list[str]:
+        return [f"{lists}.{index}" for lists in self.block_lists for index in range(len(model.get_submodule(lists)))]
+
+    def describe(self, model) -> str:
+        return f"transformer ({len(self.block_names(model))} blocks)"
+
+    def max_cache_branch(self, model) -> int | None:
+        deepest = blocks.max_block_branch(len(self.block_names(model)))
+        return deepest if deepest >= 0 else None
+
+    def check(self, model, config) -> None:
+        super().check(model, config)
+        if config.cross_attention_cache:
+            raise ConfigError(f"ca_mode={config.ca_mode!r} caches cross-attention, which an MM-DiT does not have (its "
+                              "text stream is joint with the image); use ca_mode='none' to stop CFG at cfg_stop")
+
+    def install_deep_cache(self, model, branch, state) -> None:
+        blocks.apply_joint_block_cache(model, self.block_names(model), branch, state)
+
+    def prepare_for_counting(self, model) -> None:
+        pass
+
+
+class SD3Kind(MMDiTKind):
+    """`SD3Transformer2DModel` (SD3, SD3.5): joint blocks; the patch embedding crops its position table."""
+
+    def size_multiple(self, model) -> int:
+        return model.config.patch_size
+
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        with torch.device("meta"):
+            return SD3Transformer2DModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        return {
+            "hidden_states": torch.empty(batch, config["in_channels"], *latent_hw, device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, config["joint_attention_dim"], device="meta"),
+            "pooled_projections": torch.empty(batch, config["pooled_projection_dim"], device="meta"),
+            "timestep": torch.full((batch,), 500.0, device="meta"),
+        }
+
+
+class FluxKind(MMDiTKind):
+    """`FluxTransformer2DModel` (FLUX.1): 19 double-stream then 38 single-stream blocks, one span over both. Its
+    latents are packed 2x2 (a token per 2x2 latent patch), so latent sides must be even."""
+
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
+    def size_multiple(self, model) -> int:
+        return 2
+
+    def build(self, config: dict) -> torch.nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            return FluxTransformer2DModel.from_config(config)
+
+    def inputs(self, spec: DenoiserSpec, batch: int, latent_hw: tuple[int, int]) -> dict:
+        config = spec.config
+        tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        inputs = {
+            "hidden_states": torch.empty(batch, tokens, config["in_channels"], device="meta"),
+            "encoder_hidden_states": torch.empty(batch, spec.text_length, config["joint_attention_dim"], device="meta"),
+            "pooled_projections": torch.empty(batch, config["pooled_projection_dim"], device="meta"),
+            "timestep": torch.full((batch,), 0.5, device="meta"),
+            "img_ids": torch.zeros(tokens, 3, device="meta"),
+            "txt_ids": torch.zeros(spec.text_length, 3, device="meta"),
+        }
+        if config.get("guidance_embeds"):
+            inputs["guidance"] = torch.full((batch,), 3.5, device="meta")
+        return inputs
+
+
+DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind(), "pixart": PixArtKind(), "sd3": SD3Kind(), "flux": FluxKind()}
+
+
+def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
+    kind = DENOISER_KINDS[spec.kind]
+    model = kind.build(spec.config)
+    kind.prepare_for_counting(model)
+    return model

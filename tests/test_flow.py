@@ -1,0 +1,311 @@
+"""Rectified-flow MM-DiTs: Stable Diffusion 3 and FLUX.1 against diffusers (tiny random models of the real
+classes, built here), the flow switch against an independent computation, block spans, costs, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from test_accounting import PerCallFlops
+from tiny import t5_tokenizer, text_encoder, tokenizer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import T5Config, T5EncoderModel
+
+import postdiff
+from postdiff import ConfigError, PostDiffConfig
+from postdiff.accounting import plan_costs
+from postdiff.denoisers import DENOISER_KINDS
+from postdiff.models import spec_from_pipeline
+
+NUM_BLOCKS = 5  # branches 0..1
+
+
+def tiny_vae(**overrides) -> AutoencoderKL:
+    config = dict(block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=32, scaling_factor=1.5305, shift_factor=0.0609)
+    return AutoencoderKL(**{**config, **overrides})
+
+
+def tiny_t5(vocab_size: int, width: int = 32) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0)).eval()
+
+
+def sd3_pipeline(folder, seed: int = 0, with_t5: bool = True) -> StableDiffusion3Pipeline:
+    torch.manual_seed(seed)
+    tok = tokenizer(folder / "tokenizer")
+    t5_tok = t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=NUM_BLOCKS, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(),
+        text_encoder=text_encoder(len(tok), projection=True), tokenizer=tok,
+        text_encoder_2=text_encoder(len(tok), projection=True), tokenizer_2=tok,
+        text_encoder_3=tiny_t5(len(t5_tok)) if with_t5 else None, tokenizer_3=t5_tok if with_t5 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline(folder, seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
+    """FLUX.1-dev layout (guidance embedding, dynamic shifting) or schnell's (neither)."""
+    torch.manual_seed(seed)
+    tok = tokenizer(folder / "tokenizer")
+    t5_tok = t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=text_encoder(len(tok)), tokenizer=tok, text_encoder_2=tiny_t5(len(t5_tok)), tokenizer_2=t5_tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(pipe, seed: int = 0, **overrides):
+    arguments = dict(prompt="a photo of a sneaker", num_inference_steps=8, height=32, width=32, output_type="np",
+                     max_sequence_length=16, generator=torch.Generator().manual_seed(seed))
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        arguments.update(guidance_scale=5.0, negative_prompt="")
+    arguments.update(overrides)
+    return pipe(**arguments).images
+
+
+BUILDERS = {"sd3": sd3_pipeline, "flux": flux_pipeline, "flux-true-cfg": flux_pipeline,
+            "flux-schnell": lambda folder, seed=0: flux_pipeline(folder, seed, guidance_embeds=False)}
+TRUE_CFG = dict(negative_prompt="a bag", true_cfg_scale=3.0)
+
+
+def _arguments(name: str, **overrides) -> dict:
+    return {**(TRUE_CFG if name == "flux-true-cfg" else {}), **overrides}
+
+
+OFF_CASES = [
+    ("sd3", dict()),
+    ("sd3", dict(seed=3, guidance_scale=1.0)),
+    ("sd3", dict(max_sequence_length=24, num_images_per_prompt=2, prompt=["a bag", "a coat"], negative_prompt=["", "a shoe"])),
+    ("sd3", dict(output_type="latent")),
+    ("flux", dict()),
+    ("flux", dict(seed=5, guidance_scale=7.0, num_images_per_prompt=2, max_sequence_length=24)),
+    ("flux", dict(output_type="latent")),
+    ("flux-true-cfg", dict()),
+    ("flux-schnell", dict(num_inference_steps=4)),
+]
+
+
+@pytest.mark.parametrize("name, arguments", OFF_CASES)
+def test_off_is_bit_identical_to_diffusers(model_dir, name, arguments):
+    pipe = BUILDERS[name](model_dir)
+    arguments = _arguments(name, **arguments)
+    baseline = call(pipe, **arguments)
+    postdiff.apply(pipe, PostDiffConfig())
+    assert torch.equal(torch.as_tensor(np.asarray(call(pipe, **arguments))), torch.as_tensor(np.asarray(baseline)))
+
+
+TECHNIQUES = {
+    "mixed": PostDiffConfig(beta=0.5, switch=0.5),
+    "blocks": PostDiffConfig(cache_interval=2),
+    "cfg-stop": PostDiffConfig(cfg_stop=4, ca_mode="none"),
+    "paper": PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=6, ca_mode="none"),
+}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "flux-true-cfg"])
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_each_technique_changes_the_output_and_keeps_its_shape(model_dir, name, technique):
+    pipe = BUILDERS[name](model_dir)
+    baseline = call(pipe, **_arguments(name))
+    postdiff.apply(pipe, TECHNIQUES[technique])
+    output = call(pipe, **_arguments(name))
+    assert output.shape == baseline.shape == (1, 32, 32, 3)
+    no_cfg_to_stop = name == "flux" and technique == "cfg-stop"  # FLUX-dev has no CFG batch: nothing to stop
+    assert np.array_equal(output, baseline) == no_cfg_to_stop
+
+
+def test_sd3_switch_equals_an_independent_x0_upsample_renoise(model_dir):
+    pipe = sd3_pipeline(model_dir, with_t5=False)
+    postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].clone()), with_kwargs=True)
+    call(pipe, seed=3)
+    handle.remove()
+
+    postdiff.remove(pipe)  # the independent computation: the bare diffusers components
+    generator = torch.Generator().manual_seed(3)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a sneaker", None, None, negative_prompt="",
+                                                                    max_sequence_length=16)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(8)
+    latents = randn_tensor((1, 4, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps[:4]:
+            output = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(2),
+                                      encoder_hidden_states=torch.cat([negative, embeds]),
+                                      pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)[0]
+            uncond, cond = output.chunk(2)
+            velocity = uncond + 5.0 * (cond - uncond)
+            x0 = latents - scheduler.sigmas[scheduler.step_index or 0] * velocity
+            latents = scheduler.step(velocity, t, latents).prev_sample
+    upsampled = F.interpolate(x0, size=(16, 16), mode="bilinear", align_corners=False)
+    noise = randn_tensor(upsampled.shape, generator=generator)
+    sigma = scheduler.sigmas[4]
+    expected = (1 - sigma) * upsampled + sigma * noise
+    assert seen[4].shape == (2, 4, 16, 16)
+    torch.testing.assert_close(seen[4][1:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_switch_renoises_the_traced_x0_at_the_next_sigma_on_the_low_resolution_rope_grid(model_dir):
+    pipe = postdiff.apply(flux_pipeline(model_dir), PostDiffConfig(beta=0.5, switch=0.5))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
+    generator = torch.Generator().manual_seed(2)
+    _, traced = postdiff.trace_x0(pipe, "a photo of a sneaker", num_inference_steps=8, height=32, width=32,
+                                  max_sequence_length=16, output_type="latent", generator=generator)
+    handle.remove()
+    assert [k["hidden_states"].shape[1] for k in seen] == [16] * 4 + [64] * 4  # packed 2x2: 8x8 then 16x16 latents
+    assert seen[0]["img_ids"][:, 1].max() == 3 and seen[4]["img_ids"][:, 1].max() == 7  # the grid of each size
+    replay = torch.Generator().manual_seed(2)
+    randn_tensor((1, 4, 8, 8), generator=replay)  # the initial low-resolution latents
+    upsampled = F.interpolate(traced[3], size=(16, 16), mode="bilinear", align_corners=False)
+    noise = randn_tensor(upsampled.shape, generator=replay)
+    scheduler = pipe.scheduler  # the call left the pipeline's own scheduler set for its 8 steps
+    sigma = scheduler.sigmas[4]
+    expected = pipe._pack_latents((1 - sigma) * upsampled + sigma * noise, 1, 4, 16, 16)
+    torch.testing.assert_close(seen[4]["hidden_states"], expected, rtol=1e-5, atol=1e-5)
+
+
+def _block_recorder(pipe):
+    names = DENOISER_KINDS[spec_from_pipeline(pipe).denoiser.kind].block_names(pipe.transformer)
+    calls, handles = [], []
+    handles.append(pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append([])))
+    for index, name in enumerate(names):
+        block = pipe.transformer.get_submodule(name)
+        # A skipped block's hook wrapper still runs; its attention projections do not.
+        projection = block.attn.to_q
+        handles.append(projection.register_forward_pre_hook(lambda m, a, index=index: calls[-1].append(index)))
+    return calls, handles
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "flux-true-cfg"])
+@pytest.mark.parametrize("branch", [0, 1])
+def test_block_caching_skips_exactly_the_planned_span(model_dir, name, branch):
+    pipe = postdiff.apply(BUILDERS[name](model_dir), PostDiffConfig(cache_interval=3, cache_branch=branch))
+    arguments = dict(prompt="a photo of a sneaker", num_inference_steps=7, height=32, width=32, max_sequence_length=16,
+                     **_arguments(name))
+    plan = postdiff.plan_call(pipe, **arguments)
+    calls, handles = _block_recorder(pipe)
+    call(pipe, **arguments)
+    for handle in handles:
+        handle.remove()
+    passes = 2 if name == "flux-true-cfg" else 1  # FLUX's true CFG: two passes a step, each with its own cache
+    assert len(calls) == passes * len(plan)
+    span = set(range(branch + 1, NUM_BLOCKS - branch - 1))
+    for index, ran in enumerate(calls):
+        step = plan.steps[index // passes]
+        expected = [i for i in range(NUM_BLOCKS) if step.deep == "full" or i not in span]
+        assert ran == expected, (index, step)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "flux-true-cfg"])
+@pytest.mark.parametrize("config", list(TECHNIQUES) + ["off"])
+def test_real_run_costs_exactly_what_the_plan_predicts(model_dir, name, config):
+    pipe = BUILDERS[name](model_dir)
+    postdiff.apply(pipe, TECHNIQUES.get(config, PostDiffConfig()))
+    arguments = dict(prompt="a photo of a sneaker", num_inference_steps=8, height=32, width=32, max_sequence_length=16,
+                     num_images_per_prompt=2, **_arguments(name))
+    plan = postdiff.plan_call(pipe, **arguments)
+    counted = PerCallFlops(pipe.transformer)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as matrix products the counter sees, as on the meta device
+        call(pipe, **arguments)
+    counted.remove()
+    spec = spec_from_pipeline(pipe).denoiser
+    predicted = [cost.value("flops") for cost in plan_costs(spec, plan, num_images=2)]
+    if name == "flux-true-cfg":  # two passes of batch 2 a CFG step, planned as one batch of 4
+        counted_steps, index = [], 0
+        for step in plan.steps:
+            counted_steps.append(sum(counted.flops[index : index + (2 if step.cfg else 1)]))
+            index += 2 if step.cfg else 1
+        assert index == len(counted.flops)
+        counted.flops = counted_steps
+    assert counted.flops == predicted
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-true-cfg"])
+def test_repeated_interleaved_and_reapplied_calls_match_a_fresh_pipeline(model_dir, name):
+    build, arguments = BUILDERS[name], _arguments(name)
+    config = TECHNIQUES["paper"]
+    expected = call(postdiff.apply(build(model_dir), config), seed=1, **arguments)
+    expected_base = call(build(model_dir), seed=2, **arguments)
+    pipe = postdiff.apply(build(model_dir), config)
+    first = call(pipe, seed=1, **arguments)
+    call(pipe, seed=7, **{**arguments, "num_inference_steps": 7, "height": 48, "width": 48})
+    assert np.array_equal(call(pipe, seed=1, **arguments), first) and np.array_equal(first, expected)
+    postdiff.remove(pipe)
+    assert np.array_equal(call(pipe, seed=2, **arguments), expected_base)
+    postdiff.apply(pipe, config)
+    assert np.array_equal(call(pipe, seed=1, **arguments), expected)
+
+
+REFUSED = [
+    ("flux", PostDiffConfig(beta=0.5625, switch=0.5), {}, "beta=0.5625 gives a 9x9 latent .* multiples of 2"),
+    ("sd3", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
+    ("flux", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
+    ("sd3", PostDiffConfig(cfg_stop=3), {}, "ca_mode='cond' caches cross-attention, which an MM-DiT does not have"),
+    ("sd3", PostDiffConfig(), dict(skip_guidance_layers=[1]), "skip_guidance_layers is not supported by postdiff"),
+]
+
+
+@pytest.mark.parametrize("name, config, arguments, message", REFUSED)
+def test_bad_settings_are_refused_before_any_compute(model_dir, name, config, arguments, message):
+    pipe = BUILDERS[name](model_dir)
+    calls = []
+    for module in (pipe.transformer, pipe.text_encoder):
+        module.register_forward_pre_hook(lambda m, a: calls.append(m))
+    with pytest.raises(ConfigError, match=message):
+        postdiff.apply(pipe, config)
+        call(pipe, **arguments)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("spec", ["first-block-cache:threshold=0.5", "taylorseer:interval=3,warmup=2", "magcache:threshold=0.5"])
+def test_diffusers_caches_run_as_external_methods_with_measured_macs(model_dir, name, spec):
+    from postdiff.evaluation.baselines import ExternalMethod, measured_denoiser_macs
+
+    if spec.startswith("magcache") and name == "sd3":
+        pytest.skip("MagCache needs model ratios; diffusers publishes FLUX's only")
+    pipe = BUILDERS[name](model_dir)
+    arguments = dict(prompt="a photo of a sneaker", num_inference_steps=8, height=32, width=32, max_sequence_length=16)
+    baseline_macs = measured_denoiser_macs(pipe, **arguments)
+    baseline = call(pipe)
+    method = ExternalMethod.parse(spec)
+    with method.applied(pipe, 8) as before_call:
+        before_call(0)
+        cached_macs = measured_denoiser_macs(pipe, **arguments)
+        before_call(0)
+        first = call(pipe)
+        before_call(0)
+        assert np.array_equal(call(pipe), first)  # reset before every call: no state from the last one
+    assert cached_macs < baseline_macs
+    assert not np.array_equal(first, baseline)
+    assert np.array_equal(call(pipe), baseline)  # removed without a trace
+    assert not any("_diffusers_hook" in m.__dict__ and m._diffusers_hook.hooks for m in pipe.transformer.modules())
