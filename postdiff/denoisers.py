@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .caching import blocks, cross_attention, deepcache
+from .caching import blocks, cross_attention, deepcache, text_stream
 from .caching.state import RunState
-from .config import ConfigError, PostDiffConfig
+from .config import PostDiffConfig
 from .plan import ModelFacts, check_cache_branch
 
 
@@ -172,14 +172,12 @@ class MMDiTKind(DenoiserKind):
         deepest = blocks.max_block_branch(len(self.block_names(model)))
         return deepest if deepest >= 0 else None
 
-    def check(self, model, config) -> None:
-        super().check(model, config)
+    def install_caches(self, model, config, state) -> None:
+        """Block caching, then the text-stream cache (caching/text_stream.py) in place of cross-attention's."""
+        self.check(model, config)
+        span = blocks.apply_joint_block_cache(model, self.block_names(model), config.cache_branch, state) if config.deepcache else []
         if config.cross_attention_cache:
-            raise ConfigError(f"ca_mode={config.ca_mode!r} caches cross-attention, which an MM-DiT does not have (its "
-                              "text stream is joint with the image); use ca_mode='none' to stop CFG at cfg_stop")
-
-    def install_deep_cache(self, model, branch, state) -> None:
-        blocks.apply_joint_block_cache(model, self.block_names(model), branch, state)
+            text_stream.apply_text_stream_cache(model, self.block_names(model), config.ca_mode, state, span)
 
     def prepare_for_counting(self, model) -> None:
         pass

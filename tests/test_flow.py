@@ -126,6 +126,8 @@ TECHNIQUES = {
     "blocks": PostDiffConfig(cache_interval=2),
     "cfg-stop": PostDiffConfig(cfg_stop=4, ca_mode="none"),
     "paper": PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=6, ca_mode="none"),
+    "text-stream": PostDiffConfig(cfg_stop=4),
+    "all": PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=3, ca_mode="ave"),
 }
 
 
@@ -137,7 +139,7 @@ def test_each_technique_changes_the_output_and_keeps_its_shape(model_dir, name, 
     postdiff.apply(pipe, TECHNIQUES[technique])
     output = call(pipe, **_arguments(name))
     assert output.shape == baseline.shape == (1, 32, 32, 3)
-    no_cfg_to_stop = name == "flux" and technique == "cfg-stop"  # FLUX-dev has no CFG batch: nothing to stop
+    no_cfg_to_stop = name == "flux" and technique == "cfg-stop"  # FLUX-dev has no CFG: nothing to stop, nothing cached
     assert np.array_equal(output, baseline) == no_cfg_to_stop
 
 
@@ -269,9 +271,33 @@ REFUSED = [
     ("flux", PostDiffConfig(beta=0.5625, switch=0.5), {}, "beta=0.5625 gives a 9x9 latent .* multiples of 2"),
     ("sd3", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
     ("flux", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
-    ("sd3", PostDiffConfig(cfg_stop=3), {}, "ca_mode='cond' caches cross-attention, which an MM-DiT does not have"),
     ("sd3", PostDiffConfig(), dict(skip_guidance_layers=[1]), "skip_guidance_layers is not supported by postdiff"),
 ]
+
+
+def test_text_stream_cache_skips_the_text_only_work_and_reads_the_recorded_stream(model_dir):
+    pipe = postdiff.apply(sd3_pipeline(model_dir), PostDiffConfig(cfg_stop=5))
+    block = pipe.transformer.transformer_blocks[1]
+    feed_forward, projected, text_out = [], [], []
+    handles = [pipe.transformer.register_forward_pre_hook(lambda m, a: feed_forward.append(0)),
+               block.ff_context.net[0].proj.register_forward_pre_hook(lambda m, a: feed_forward.__setitem__(-1, 1)),
+               block.attn.to_add_out.register_forward_hook(lambda m, a, output: projected.append(bool(output.any()))),
+               block.register_forward_hook(lambda m, a, output: text_out.append(output[0].clone()))]
+    call(pipe)
+    for handle in handles:
+        handle.remove()
+    # The text feed-forward and output projection run before the stop only (the skipped projection gives zeros).
+    assert feed_forward == [1] * 5 + [0] * 3 and projected == [True] * 5 + [False] * 3
+    torch.testing.assert_close(text_out[5], text_out[4][1:])  # the conditional half of the last record
+    assert all(torch.equal(text_out[5], later) for later in text_out[6:])
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-true-cfg"])
+def test_text_stream_modes_differ(model_dir, name):
+    pipe = BUILDERS[name](model_dir)
+    outputs = {mode: call(postdiff.apply(pipe, PostDiffConfig(cfg_stop=3, ca_mode=mode)), **_arguments(name))
+               for mode in ("cond", "ave", "cfg")}
+    assert not np.array_equal(outputs["cond"], outputs["ave"]) and not np.array_equal(outputs["cond"], outputs["cfg"])
 
 
 @pytest.mark.parametrize("name, config, arguments, message", REFUSED)

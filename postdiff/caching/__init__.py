@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import blocks, cross_attention, deepcache
+from . import blocks, cross_attention, deepcache, text_stream
 
-HOOK_NAMES = [deepcache.HOOK_NAME, cross_attention.HOOK_NAME, blocks.HOOK_NAME]
+HOOK_NAMES = [deepcache.HOOK_NAME, cross_attention.HOOK_NAME, blocks.HOOK_NAME, text_stream.HOOK_NAME]
 
 
 def remove_caches(model: torch.nn.Module) -> None:

@@ -1,0 +1,116 @@
+"""The cross-attention cache's analog for MM-DiTs (SD3's joint blocks, FLUX's double-stream blocks): after
+the CFG stop m, the text stream is not carried forward but read from a cache.
+
+An MM-DiT has no cross-attention: text and image tokens attend jointly, and the text stream is updated in
+every block. What can be reused is the text stream itself. On the steps before m every joint block records
+the text stream entering and leaving it, combined over the CFG batch as `ca_mode` says ("cond": the
+conditional half, "ave": the mean of the halves, "cfg": the guided combination); from m on, each block is
+given its recorded text input, its text output is replaced by the recorded one, and the work that only
+feeds the text output is skipped: the text feed-forward (`ff_context`) and the text attention output
+projection (`attn.to_add_out`). What still runs for the text tokens is what the image tokens need from
+them: the adaLN of the text (it carries the current timestep) and its key/value projections (the query
+projection too, as diffusers' joint processors compute all three). FLUX's single-stream blocks, which
+process text and image with shared weights, run as they are on the cached text.
+
+Text tokens do not depend on the image size, so a cache recorded at low resolution is reused as it is.
+FLUX's true CFG runs the conditional and unconditional passes separately: the conditional pass records,
+and for "ave" / "cfg" the unconditional pass combines with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .blocks import _streams
+from .cross_attention import combine
+from .state import RunState
+
+HOOK_NAME = "postdiff_text_stream"
+SKIPPED_MODULES = ("ff_context", "attn.to_add_out")  # only feed the text stream's output
+
+
+class TextStreamBlockHook(ModelHook):
+    """On a joint block: records its text input and output before the stop; reads them after."""
+
+    def __init__(self, name: str, state: RunState, mode: str, in_cached_span: bool):
+        super().__init__()
+        self.name = name
+        self.state = state
+        self.mode = mode
+        self.in_cached_span = in_cached_span  # skipped by block caching on its cached steps: nothing to record then
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state, step = self.state, self.state.step
+        if step is not None and step.cross_attention == "cached":
+            text_in, text_out = state.cross_attention[self.name]
+            args, kwargs = _with_text(args, kwargs, text_in)
+            return text_out, self.fn_ref.original_forward(*args, **kwargs)[1]
+        text_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+        ran = not (self.in_cached_span and step is not None and step.deep == "cached")
+        if step is not None and step.capture_cross_attention and ran:  # keep what the block last computed
+            self._record(_streams(args, kwargs)[1], text_out)
+        return text_out, hidden_out
+
+    def _record(self, text_in: torch.Tensor, text_out: torch.Tensor) -> None:
+        state = self.state
+        if state.pass_name == "uncond:":  # FLUX's second pass: combine with the conditional pass's record
+            if self.mode != "cond":
+                cond_in, cond_out = state.cross_attention[self.name]
+                state.cross_attention[self.name] = (self._passes(text_in, cond_in), self._passes(text_out, cond_out))
+            return
+        state.cross_attention[self.name] = tuple(combine(x, self.mode, state.num_images, state.guidance_scale)
+                                                 for x in (text_in, text_out))
+
+    def _passes(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return combine(torch.cat([uncond, cond]), self.mode, len(cond), self.state.guidance_scale)
+
+
+class SkipOnCachedTextHook(ModelHook):
+    """On a module whose output only feeds the text stream's output: zeros of its output's shape while the
+    text stream is read from the cache (the block's text output is replaced anyway)."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        step = self.state.step
+        if step is not None and step.cross_attention == "cached":
+            width = module.out_features if isinstance(module, torch.nn.Linear) else hidden_states.shape[-1]
+            return hidden_states.new_zeros(*hidden_states.shape[:-1], width)
+        return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+
+
+def _with_text(args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
+    if "encoder_hidden_states" in kwargs:
+        return args, {**kwargs, "encoder_hidden_states": text}
+    return (args[0], text, *args[2:]), kwargs
+
+
+def text_stream_blocks(model: torch.nn.Module, block_names: list[str]) -> list[str]:
+    """The blocks with a text stream of their own to cache: joint blocks that update the text (not SD3's
+    `context_pre_only` last block, not FLUX's single-stream blocks)."""
+    return [name for name in block_names
+            if all(_has(model.get_submodule(name), part) for part in SKIPPED_MODULES)]
+
+
+def _has(module: torch.nn.Module, dotted: str) -> bool:
+    try:
+        module.get_submodule(dotted)
+        return True
+    except AttributeError:
+        return False
+
+
+def apply_text_stream_cache(model: torch.nn.Module, block_names: list[str], mode: str, state: RunState,
+                            cached_span: list[str] = ()) -> list[str]:
+    """Hook the joint blocks (after block caching, so this hook is the outer one); returns their names."""
+    names = text_stream_blocks(model, block_names)
+    for name in names:
+        block = model.get_submodule(name)
+        hook = TextStreamBlockHook(name, state, mode, in_cached_span=name in cached_span)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
+        for part in SKIPPED_MODULES:
+            HookRegistry.check_if_exists_or_initialize(block.get_submodule(part)).register_hook(SkipOnCachedTextHook(state), HOOK_NAME)
+    return names
