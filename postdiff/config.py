@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 CA_MODES = ("cond", "ave", "cfg", "none")
+SWITCH_NOISES = ("iid", "block")
+# Fields added after results were first stored: in `to_dict` (the sweep store's key) only when set, so the
+# keys of stored rows stay valid.
+KEYED_WHEN_SET = ("switch_noise",)
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
@@ -34,6 +38,10 @@ class PostDiffConfig:
         cross-attention cache: CFG stops, cross-attention is still computed on the conditional batch).
     progressive: extra intermediate resolutions, as (scale, fraction) pairs in increasing scale, run after the
         `beta` phase and before full resolution (beyond the paper; () = the paper's two-stage schedule).
+    switch_noise: the fresh noise of the re-noising at a switch: "iid" (the paper's forward diffusion) or
+        "block" (Pyramid Flow / RALU-style: its r x r block means are the low-resolution state's own noise, r
+        the integer upsampling factor, the rest fresh noise with zero block means; still i.i.d. N(0, 1) per
+        element, but continuous with the noise the low-resolution phase was denoising).
     """
 
     beta: float = 1.0
@@ -43,6 +51,7 @@ class PostDiffConfig:
     cfg_stop: int | None = None
     ca_mode: str = "cond"
     progressive: tuple[tuple[float, float], ...] = ()
+    switch_noise: str = "iid"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")
@@ -55,6 +64,7 @@ class PostDiffConfig:
         )
         _check(self.ca_mode in CA_MODES, "ca_mode", self.ca_mode, f"one of {', '.join(CA_MODES)}")
         self._check_progressive()
+        _check(self.switch_noise in SWITCH_NOISES, "switch_noise", self.switch_noise, f"one of {', '.join(SWITCH_NOISES)}")
         if self.switch > 0 and self.beta == 1:
             raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
 
@@ -110,7 +120,8 @@ class PostDiffConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        default = PostDiffConfig()
+        return {k: v for k, v in asdict(self).items() if k not in KEYED_WHEN_SET or v != getattr(default, k)}
 
     def describe(self) -> str:
         """Only the settings that differ from "off", e.g. "beta=0.5 switch=0.5 cache_interval=2"."""

@@ -93,6 +93,7 @@ def make_plan(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts, do_
         raise ConfigError(f"num_inference_steps gives {num_timesteps} timesteps: expected at least 1")
     check_cache_branch(config, facts.max_cache_branch, facts.denoiser)
     phases = _phases(config, num_timesteps, facts)
+    _check_switch_noise(config, phases)
     total = sum(phase.num_steps for phase in phases)
     _check_cfg_stop(config, total)
     steps = tuple(_step(config, phases, phase_index, index, do_cfg) for phase_index, phase in enumerate(phases)
@@ -130,6 +131,16 @@ def _phases(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts) -> tu
         phases.append(Phase(scale, latent_size(scale, facts), start, end, first_step, num_steps))
         first_step += num_steps
     return tuple(phases)
+
+
+def _check_switch_noise(config: PostDiffConfig, phases: tuple[Phase, ...]) -> None:
+    """Block noise needs every resolution jump to be a whole factor per side (2 for beta 1/2)."""
+    if config.switch_noise != "block":
+        return
+    for low, high in zip(phases, phases[1:]):
+        if any(h % l for l, h in zip(low.latent_hw, high.latent_hw)) or high.latent_hw[0] // low.latent_hw[0] != high.latent_hw[1] // low.latent_hw[1]:
+            raise ConfigError(f"switch_noise='block' needs whole upsampling factors; {low.latent_hw} -> {high.latent_hw} "
+                              f"is not one (beta 1/2 gives 2; use switch_noise='iid' for beta={config.beta})")
 
 
 def latent_size(scale: float, facts: ModelFacts) -> tuple[int, int]:

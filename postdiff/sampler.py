@@ -33,6 +33,14 @@ def phase_timesteps(timesteps: torch.Tensor, phase: Phase) -> torch.Tensor:
     return torch.cat([tail[:2], tail[1:2].repeat(repeats - 1), tail[1:]]) if repeats > 0 else tail
 
 
+def block_noise(fresh: torch.Tensor, low_noise: torch.Tensor) -> torch.Tensor:
+    """i.i.d. N(0, 1) noise whose r x r block means are the low-resolution noise (divided by r, the std of a mean
+    of r^2 unit normals); the fresh noise supplies the rest, with its own block means removed."""
+    factor = fresh.shape[-1] // low_noise.shape[-1]
+    block_means = F.avg_pool2d(fresh, factor)
+    return fresh + F.interpolate(low_noise / factor - block_means, scale_factor=factor, mode="nearest")
+
+
 def resize(latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     if tuple(latents.shape[-2:]) == tuple(latent_hw):
         return latents
@@ -49,6 +57,7 @@ class Sampler:
         self.config = config
         self.state = state
         self.trajectory = trajectory  # when a list: the x0 prediction of every step is appended to it
+        self.low_noise = None  # block switch noise: the noise the last low-resolution state holds
 
     def prepare(self) -> StepPlan:
         """Everything that can refuse the call, before any model runs."""
@@ -74,12 +83,15 @@ class Sampler:
         finally:
             state.reset()
 
-    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase) -> torch.Tensor:
+    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase, low_noise: torch.Tensor | None) -> torch.Tensor:
         """Upsample x0 to the phase's size and diffuse it forward to the phase's first timestep, with fresh noise
-        from the call's generator, by the scheduler's own forward process."""
+        from the call's generator (block noise: around the low-resolution state's own), by the scheduler's own
+        forward process."""
         upsampled = resize(x0, phase.latent_hw)
         generator = self.family.args["generator"]
         noise = randn_tensor(upsampled.shape, generator=generator, device=upsampled.device, dtype=upsampled.dtype)
+        if self.config.switch_noise == "block":
+            noise = block_noise(noise, low_noise)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(phase.timestep_start)
         t = self.timesteps[phase.timestep_start : phase.timestep_start + 1]
@@ -95,7 +107,7 @@ class Sampler:
         for phase_index, phase in enumerate(plan.phases):
             if phase_index > 0:
                 scheduler = copy.deepcopy(pristine)
-                latents = self.renoise(scheduler, x0, phase)
+                latents = self.renoise(scheduler, x0, phase, self.low_noise)
             steps = plan.steps[phase.first_step : phase.first_step + phase.num_steps]
             last_phase = phase_index == len(plan.phases) - 1
             for step, t in zip(steps, phase_timesteps(self.timesteps, phase)):
@@ -117,6 +129,8 @@ class Sampler:
         x0 = None
         if keep_x0 or self.trajectory is not None:
             x0 = self.traits.x0(scheduler, latents, noise_pred, t, output)
+        if keep_x0 and self.config.switch_noise == "block":
+            self.low_noise = self.traits.implied_noise(scheduler, latents, x0, t)
         if self.trajectory is not None:
             self.trajectory.append(x0)
         latents = self.step_callback(step.index, t, family.step_latents(output))

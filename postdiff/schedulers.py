@@ -53,6 +53,11 @@ class SchedulerTraits:
         alpha, sigma = self._noise_level(scheduler, t)
         return x0_from_output(sample, model_output, alpha, sigma, prediction_type(scheduler))
 
+    def implied_noise(self, scheduler, sample: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+        """The noise a step's state holds given its x0: (x_t - alpha x0) / sigma at the pre-step level."""
+        alpha, sigma = self._noise_level(scheduler, t)
+        return ((sample.float() - alpha * x0.float()) / sigma).to(sample.dtype)
+
     def forward_diffuse(self, scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 diffused to timestep `t` (a 1-element tensor) by the scheduler's own forward process; flow-matching
         schedulers at their `begin_index`: (1 - sigma) x0 + sigma noise."""
@@ -62,9 +67,9 @@ class SchedulerTraits:
 
     def _noise_level(self, scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, sigma) of the state the last step started from."""
-        if self.space == "flow":
+        if self.space in ("flow", "sigma"):  # flow: x = (1 - s) x0 + s eps; sigma space: x = x0 + s eps
             sigma = scheduler.sigmas[scheduler.step_index - 1]
-            return 1 - sigma, sigma
+            return (1 - sigma if self.space == "flow" else torch.ones_like(sigma)), sigma
         if hasattr(scheduler, "_sigma_to_alpha_sigma_t"):  # DPM-Solver, UniPC: their own sigma table
             return scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[scheduler.step_index - 1])
         alpha_cumprod = scheduler.alphas_cumprod[int(t)]

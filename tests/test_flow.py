@@ -335,3 +335,41 @@ def test_diffusers_caches_run_as_external_methods_with_measured_macs(model_dir, 
     assert not np.array_equal(first, baseline)
     assert np.array_equal(call(pipe), baseline)  # removed without a trace
     assert not any("_diffusers_hook" in m.__dict__ and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+
+
+def test_block_noise_keeps_the_low_resolution_noise_in_its_block_means():
+    from postdiff.sampler import block_noise
+
+    generator = torch.Generator().manual_seed(0)
+    low, fresh = torch.randn(64, 4, 8, 8, generator=generator), torch.randn(64, 4, 16, 16, generator=generator)
+    noise = block_noise(fresh, low)
+    torch.testing.assert_close(F.avg_pool2d(noise, 2), low / 2, rtol=0, atol=1e-6)
+    assert abs(noise.std().item() - 1) < 0.01 and abs(noise.mean().item()) < 0.01  # still unit normal per element
+
+
+def test_block_switch_noise_renoises_around_the_noise_of_the_last_low_resolution_state(model_dir):
+    pipe = postdiff.apply(sd3_pipeline(model_dir, with_t5=False), PostDiffConfig(beta=0.5, switch=0.5, switch_noise="block"))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"][1:].clone()), with_kwargs=True)
+    _, traced = postdiff.trace_x0(pipe, "a photo of a sneaker", negative_prompt="", num_inference_steps=8, height=32,
+                                  width=32, max_sequence_length=16, output_type="latent", guidance_scale=5.0,
+                                  generator=torch.Generator().manual_seed(4))
+    handle.remove()
+    sigmas = pipe.scheduler.sigmas
+    low_noise = (seen[3] - (1 - sigmas[3]) * traced[3]) / sigmas[3]  # what the last low-resolution state holds
+    upsampled = F.interpolate(traced[3], size=(16, 16), mode="bilinear", align_corners=False)
+    noise = (seen[4] - (1 - sigmas[4]) * upsampled) / sigmas[4]
+    torch.testing.assert_close(F.avg_pool2d(noise, 2), low_noise / 2, rtol=1e-4, atol=1e-4)
+    iid = call(postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5)), output_type="latent")
+    assert not np.array_equal(call(postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5, switch_noise="block")),
+                                   output_type="latent"), iid)
+
+
+def test_block_switch_noise_needs_whole_factors_and_new_fields_leave_stored_keys_alone(model_dir):
+    pipe = postdiff.apply(sd3_pipeline(model_dir), PostDiffConfig(beta=0.75, switch=0.5, switch_noise="block"))
+    with pytest.raises(ConfigError, match="switch_noise='block' needs whole upsampling factors; \\(12, 12\\) -> \\(16, 16\\)"):
+        postdiff.plan_call(pipe, "a bag", height=32, width=32)
+    with pytest.raises(ConfigError, match="switch_noise='pink' is not allowed"):
+        PostDiffConfig(switch_noise="pink")
+    assert "switch_noise" not in PostDiffConfig(beta=0.5, switch=0.5).to_dict()  # the sweep store's keys stay valid
+    assert PostDiffConfig(beta=0.5, switch=0.5, switch_noise="block").to_dict()["switch_noise"] == "block"

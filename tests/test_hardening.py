@@ -215,3 +215,14 @@ def test_cli_plan_refuses_a_branch_as_generate_does():
     result = CliRunner().invoke(app, ["plan", "--cache-interval", "2", "--cache-branch", "9"])
     assert result.exit_code == 2
     assert "cache_branch=9 is not allowed: this U-Net has branches 0..5" in result.output
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m_karras", "pndm", "lcm"])
+def test_block_switch_noise_runs_on_every_sample_space(model_dir, name):
+    """Block noise needs the noise the last low-resolution state holds: (x_t - alpha x0) / sigma in the
+    scheduler's own space (DDPM, Euler's sigma space, DPM's sigma table)."""
+    pipe = sd_pipeline(model_dir)
+    pipe.scheduler = _scheduler(name)
+    iid = call(postdiff.apply(pipe, MIXED), output_type="latent")
+    block = call(postdiff.apply(pipe, MIXED.with_changes(switch_noise="block")), output_type="latent")
+    assert block.shape == iid.shape and torch.isfinite(block).all() and not torch.equal(block, iid)

@@ -80,20 +80,22 @@ def point_key(point: SweepPoint, context: SweepContext) -> str:
 
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
-         presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,)) -> list[SweepPoint]:
+         presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,),
+         switch_noises=("iid",)) -> list[SweepPoint]:
     """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
     switch) left out and duplicates merged; presets and external methods are added at every step count.
 
     `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
-    use and the one the published study measured."""
+    use and the one the published study measured. Likewise `switch_noises` apply to configs with a switch."""
     points = []
-    for n, beta, switch, interval, branch, stop, mode, stages in itertools.product(
-            steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives):
+    for n, beta, switch, interval, branch, stop, mode, stages, noise in itertools.product(
+            steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives, switch_noises):
         if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch):
             continue
         caching = {"cache_interval": interval, "cache_branch": branch} if interval > 1 else {}
-        config = PostDiffConfig(beta=beta, switch=switch, cfg_stop=stop, ca_mode=mode, progressive=stages, **caching)
+        noise = {"switch_noise": noise} if switch > 0 else {}
+        config = PostDiffConfig(beta=beta, switch=switch, cfg_stop=stop, ca_mode=mode, progressive=stages, **caching, **noise)
         points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
     points += [SweepPoint(PostDiffConfig(), n, ExternalMethod.parse(spec).spec) for spec in externals for n in steps]
