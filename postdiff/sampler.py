@@ -83,7 +83,7 @@ class Sampler:
         finally:
             state.reset()
 
-    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase, low_noise: torch.Tensor | None) -> torch.Tensor:
+    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase) -> torch.Tensor:
         """Upsample x0 to the phase's size and diffuse it forward to the phase's first timestep, with fresh noise
         from the call's generator (block noise: around the low-resolution state's own), by the scheduler's own
         forward process."""
@@ -91,7 +91,7 @@ class Sampler:
         generator = self.family.args["generator"]
         noise = randn_tensor(upsampled.shape, generator=generator, device=upsampled.device, dtype=upsampled.dtype)
         if self.config.switch_noise == "block":
-            noise = block_noise(noise, low_noise)
+            noise = block_noise(noise, self.low_noise)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(phase.timestep_start)
         t = self.timesteps[phase.timestep_start : phase.timestep_start + 1]
@@ -107,7 +107,7 @@ class Sampler:
         for phase_index, phase in enumerate(plan.phases):
             if phase_index > 0:
                 scheduler = copy.deepcopy(pristine)
-                latents = self.renoise(scheduler, x0, phase, self.low_noise)
+                latents = self.renoise(scheduler, x0, phase)
             steps = plan.steps[phase.first_step : phase.first_step + phase.num_steps]
             last_phase = phase_index == len(plan.phases) - 1
             for step, t in zip(steps, phase_timesteps(self.timesteps, phase)):

@@ -86,7 +86,13 @@ class Family:
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        raise NotImplementedError
+        factor = self.pipe.vae_scale_factor
+        return (int(self.height) // factor, int(self.width) // factor)
+
+    def requested_size(self) -> tuple[int, int]:
+        """(height, width) as the pipelines default them: `default_sample_size` latents times the VAE factor."""
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return self.args["height"] or default, self.args["width"] or default
 
     @property
     def do_cfg(self) -> bool:
@@ -94,7 +100,13 @@ class Family:
 
     @property
     def num_images(self) -> int:
-        raise NotImplementedError
+        """Prompts times images per prompt, the batch counted as the pipelines count it."""
+        prompt = self.args["prompt"]
+        if isinstance(prompt, str):
+            batch = 1
+        else:
+            batch = len(prompt) if prompt is not None else self.args["prompt_embeds"].shape[0]
+        return batch * self.args["num_images_per_prompt"]
 
     @property
     def guidance_scale(self) -> float:
@@ -102,7 +114,7 @@ class Family:
 
     @property
     def guidance_rescale(self) -> float:
-        return self.pipe.guidance_rescale
+        return getattr(self.pipe, "guidance_rescale", 0.0)  # SD and SDXL have one
 
     def extra_step_kwargs(self) -> dict:
         """Keyword arguments of `scheduler.step` (eta, generator), as the pipeline prepares them."""

@@ -41,8 +41,7 @@ class FluxFamily(Family):
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)
-        self.height = arguments["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = arguments["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = self.requested_size()
         self.image_ids = {}  # latent size -> RoPE ids of its token grid
 
     # -- before any compute
@@ -78,16 +77,6 @@ class FluxFamily(Family):
     @property
     def guidance_scale(self) -> float:
         return self.args["true_cfg_scale"]
-
-    @property
-    def guidance_rescale(self) -> float:
-        return 0.0
-
-    @property
-    def num_images(self) -> int:
-        prompt = self.args["prompt"]
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else self.args["prompt_embeds"].shape[0]
-        return batch * self.args["num_images_per_prompt"]
 
     def text_length(self) -> int:
         return self.args["max_sequence_length"]

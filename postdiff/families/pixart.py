@@ -76,26 +76,6 @@ class PixArtAlphaFamily(Family):
     def guidance_scale(self) -> float:
         return self.args["guidance_scale"]
 
-    @property
-    def guidance_rescale(self) -> float:
-        return 0.0
-
-    @property
-    def num_images(self) -> int:
-        prompt = self.args["prompt"]
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = self.args["prompt_embeds"].shape[0]
-        return batch_size * self.args["num_images_per_prompt"]
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        factor = self.pipe.vae_scale_factor
-        return (int(self.height) // factor, int(self.width) // factor)
-
     def _timestep_device(self):
         if self.pipeline_module.XLA_AVAILABLE or (self.pipeline_module is alpha_pipeline and self.device.type == "neuron"):
             return "cpu"

@@ -42,22 +42,6 @@ class StableDiffusionFamily(Family):
         pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
         pipe._interrupt = False
 
-    @property
-    def batch_size(self) -> int:
-        prompt = self.args["prompt"]
-        if isinstance(prompt, str):
-            return 1
-        return len(prompt) if prompt is not None else self.args["prompt_embeds"].shape[0]
-
-    @property
-    def num_images(self) -> int:
-        return self.batch_size * self.args["num_images_per_prompt"]
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        factor = self.pipe.vae_scale_factor
-        return (int(self.height) // factor, int(self.width) // factor)
-
     def timesteps(self) -> torch.Tensor:
         a = self.args
         timesteps, _ = retrieve_timesteps(self.pipe.scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])

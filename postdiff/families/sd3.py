@@ -32,8 +32,7 @@ class StableDiffusion3Family(Family):
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)
-        self.height = arguments["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = arguments["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = self.requested_size()
 
     # -- before any compute
     def check(self) -> None:
@@ -54,24 +53,9 @@ class StableDiffusion3Family(Family):
         pipe._joint_attention_kwargs = a["joint_attention_kwargs"]
         pipe._interrupt = False
 
-    @property
-    def num_images(self) -> int:
-        prompt = self.args["prompt"]
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else self.args["prompt_embeds"].shape[0]
-        return batch * self.args["num_images_per_prompt"]
-
-    @property
-    def guidance_rescale(self) -> float:
-        return 0.0
-
     def text_length(self) -> int:
         """The CLIP tokens, then `max_sequence_length` T5 tokens (zeros when there is no T5)."""
         return self.pipe.tokenizer_max_length + self.args["max_sequence_length"]
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        factor = self.pipe.vae_scale_factor
-        return (int(self.height) // factor, int(self.width) // factor)
 
     def timesteps(self) -> torch.Tensor:
         """The pipeline's schedule for the requested size (its `mu` when the scheduler shifts dynamically)."""

@@ -23,8 +23,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)
-        self.height = arguments["height"] or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = arguments["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        self.height, self.width = self.requested_size()
 
     def check(self) -> None:
         super().check()
