@@ -18,6 +18,7 @@ text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,7 +37,8 @@ CONFIGS = {
     "paper": "paper",
     "paper+ca-m5": dict(beta=0.5, switch=0.5, cache_interval=2, cache_branch=1, cfg_stop=5),
 }
-WORKLOADS = ("testbed", "sd15-512", "sd15-256")
+WORKLOADS = ("testbed", "sd15-512", "sd15-256", "testbed-flow")
+EXTERNAL = "external:"  # config names "external:SPEC" run an external method (postdiff/evaluation/baselines.py)
 
 
 def build_pipeline(workload: str, device: str):
@@ -46,12 +48,25 @@ def build_pipeline(workload: str, device: str):
 
         pipe = load_pipeline()
         arguments = dict(prompt="a photo of a sneaker", num_images_per_prompt=8, guidance_scale=3.0)
+    elif workload == "testbed-flow":
+        pipe = _flow_testbed()
+        arguments = dict(prompt="a photo of a sneaker", negative_prompt="", num_images_per_prompt=8, guidance_scale=3.0)
     else:
         pipe = _random_sd15(Path(os.environ.get("TMPDIR", "/tmp")) / "postdiff-bench-tokenizer")
         size = 512 if workload == "sd15-512" else 256
         arguments = dict(prompt="a photo of an astronaut riding a horse", height=size, width=size, guidance_scale=7.5)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), dict(arguments, num_inference_steps=20, output_type="np")
+
+
+def _flow_testbed():
+    """The embedded flow model once trained and exported; before that the same architecture, freshly
+    initialised (wall clock and MACs do not depend on the weights)."""
+    from postdiff.testbed.flow_model import FLOW_WEIGHTS_DIR, build_flow_pipeline, load_flow_pipeline
+
+    if (FLOW_WEIGHTS_DIR / "model_index.json").exists():
+        return load_flow_pipeline()
+    return build_flow_pipeline(Path(os.environ.get("TMPDIR", "/tmp")) / "postdiff-bench-flow-tokenizer")
 
 
 def _random_sd15(tokenizer_dir: Path):
@@ -76,28 +91,50 @@ def _random_sd15(tokenizer_dir: Path):
 
 
 def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
-    """One configuration in this process: warm-up, timed calls, peak memory, MACs of its plan."""
-    import torch
-
+    """One configuration in this process: warm-up, timed calls, peak memory, MACs of its plan (measured on one
+    call for an external method)."""
     import postdiff
     from postdiff.accounting import plan_costs, total
+    from postdiff.evaluation.baselines import measured_denoiser_macs
     from postdiff.models import spec_from_pipeline
 
     pipe, arguments = build_pipeline(workload, device)
     family = postdiff.api.family_name(pipe)
     spec = spec_from_pipeline(pipe)
     config = _config(config_name, family)
-    planned = postdiff.apply(pipe, config or postdiff.PostDiffConfig())
-    plan = postdiff.plan_call(planned, **arguments)
-    macs = total(plan_costs(spec.denoiser, plan))
-    postdiff.remove(pipe)
+    with postdiff.api.applied(pipe, config or postdiff.PostDiffConfig()):
+        plan = postdiff.plan_call(pipe, **arguments)
+        macs = total(plan_costs(spec.denoiser, plan))
+    with contextlib.ExitStack() as applied:
+        before_call = _apply(applied, pipe, config_name, config, arguments)
+        if config_name.startswith(EXTERNAL):  # not planned by postdiff: its MACs are measured on one call
+            macs = measured_denoiser_macs(pipe, **{**arguments, "num_images_per_prompt": 1})
+        return _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call,
+                      macs, call_macs(spec, plan, macs, arguments))
+
+
+def _apply(stack: contextlib.ExitStack, pipe, config_name: str, config, arguments: dict):
+    """PostDiff's config, an external method, or nothing (plain diffusers); returns the per-call reset."""
+    import postdiff
+    from postdiff.evaluation.baselines import ExternalMethod
+
+    if config_name.startswith(EXTERNAL):
+        method = ExternalMethod.parse(config_name[len(EXTERNAL):])
+        return stack.enter_context(method.applied(pipe, arguments["num_inference_steps"]))
     if config is not None:
-        postdiff.apply(pipe, config)
+        stack.enter_context(postdiff.api.applied(pipe, config))
+    return lambda seed: None
+
+
+def _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call, macs, whole_call_macs) -> dict:
+    import torch
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = []
     for index in range(repeats + 1):
+        before_call(0)
         _sync(device)
         started = time.perf_counter()
         pipe(**arguments, generator=torch.Generator(device="cpu").manual_seed(0))
@@ -105,9 +142,10 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
         if index > 0:  # the first call is a warm-up
             seconds.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"workload": workload, "config": config_name, "describe": config.describe() if config else "plain diffusers",
+    describe = config.describe() if config else config_name[len(EXTERNAL):] if config_name.startswith(EXTERNAL) else "plain diffusers"
+    return {"workload": workload, "config": config_name, "describe": describe,
             "seconds": statistics.median(seconds), "all_seconds": seconds, "peak_bytes": peak,
-            "rss_before_calls_bytes": baseline_rss * 1024, "macs": macs, "call_macs": call_macs(spec, plan, macs, arguments)}
+            "rss_before_calls_bytes": baseline_rss * 1024, "macs": macs, "call_macs": whole_call_macs}
 
 
 def call_macs(spec, plan, denoiser_macs_per_image: float, arguments: dict) -> float:
@@ -123,7 +161,7 @@ def call_macs(spec, plan, denoiser_macs_per_image: float, arguments: dict) -> fl
 def _config(name: str, family: str):
     from postdiff import PostDiffConfig
 
-    value = CONFIGS[name]
+    value = CONFIGS.get(name)
     if value is None:
         return None
     return PostDiffConfig.preset(value, family=family) if isinstance(value, str) else PostDiffConfig(**value)
@@ -179,10 +217,20 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_configs(workloads: list[str]) -> list[str]:
+    """All configurations; presets only where every workload's family has them (none yet for testbed-flow)."""
+    has_presets = "testbed-flow" not in workloads
+    return [name for name, value in CONFIGS.items() if has_presets or not isinstance(value, str)]
+
+
 def main() -> None:
+    from postdiff.evaluation.baselines import ExternalMethod
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", action="append", choices=WORKLOADS, help="repeatable; default: testbed")
     parser.add_argument("--config", action="append", choices=list(CONFIGS), help="repeatable; default: all")
+    parser.add_argument("--external", action="append", default=[], help="repeatable: an external method beside "
+                        "them, e.g. first-block-cache:threshold=0.05, taylorseer:interval=3, tomesd:ratio=0.5")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process, after one warm-up")
     parser.add_argument("--rounds", type=int, default=1, help="runs of the whole configuration list, alternating order")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -198,7 +246,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats, args.device)))
         return
-    configs = args.config or list(CONFIGS)
+    configs = args.config or default_configs(args.workload or ["testbed"])
+    configs += [EXTERNAL + ExternalMethod.parse(spec).spec for spec in args.external]  # refused here if malformed
     if "diffusers" not in configs:
         configs.insert(0, "diffusers")
     run_all(args.workload or ["testbed"], configs, args.repeats, args.device, args.out, args.rounds)
