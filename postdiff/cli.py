@@ -311,24 +311,28 @@ def report(
     samples: bool = typer.Option(True, help="also draw sample grids of the baseline and the best rows under 40% and 65% of its MACs"),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(3.0),
+    model: Optional[str] = typer.Option(None, help="only the rows of this model (as sweeps name it: testbed, "
+                                        "testbed-flow, a folder); default: every row"),
 ):
     """Pareto figures, trajectories, cross-attention ablation, sample grids and a Markdown summary from a sweep store."""
     from .evaluation.study import chosen_rows, point_of, sample_grid, trajectory, write_report
     from .evaluation.sweep import SweepStore
+    from .loading import is_testbed, load_pipeline
 
-    rows = [r for r in SweepStore(store).rows() if per_class is None or r["context"]["per_class"] == per_class]
+    rows = [r for r in SweepStore(store).rows() if (per_class is None or r["context"]["per_class"] == per_class)
+            and (model is None or r["context"]["model"] == model)]
     if not rows:
-        console.print(f"[red]error:[/red] no rows in {store}")
+        console.print(f"[red]error:[/red] no rows in {store}" + (f" for model {model!r}" if model else ""))
         raise typer.Exit(2)
     curves, grids = None, None
-    if (trajectories or samples) and any(r["context"]["prompt_set"] != "fashion-mnist-classes" for r in rows):
-        console.print("trajectories and sample grids are drawn for the embedded model's rows only: skipped")
+    models = {r["context"]["model"] for r in rows}
+    if (trajectories or samples) and (len(models) > 1 or not is_testbed(next(iter(models)))):
+        console.print("trajectories and sample grids are drawn for one embedded model's rows (see --model): skipped")
         trajectories = samples = False
     if trajectories or samples:
-        from .loading import load_pipeline
         from .testbed.evaluator import load_evaluator
 
-        pipe, _ = load_pipeline()
+        pipe, _ = load_pipeline(next(iter(models)))
         pipe.set_progress_bar_config(disable=True)
         out.mkdir(parents=True, exist_ok=True)
     if trajectories:

@@ -110,7 +110,8 @@ class PostDiffConfig:
         _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")
         if name == "off":
             return cls()
-        _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)}")
+        _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)} (presets for the rectified-flow "
+               "families come from measurements on the embedded flow model, issue 12: until then give the fields)")
         branch = 0 if family in DIT_FAMILIES else 1
         if name == "deepcache":
             return cls(cache_interval=2, cache_branch=branch)

@@ -1,31 +1,47 @@
-"""Loading a pipeline by name: the embedded testbed model (the default, or a folder saved by its training),
-or any diffusers pipeline (a local folder or a hub id) through `DiffusionPipeline.from_pretrained`."""
+"""Loading a pipeline by name: an embedded model ("testbed", the default, or "testbed-flow"; or a folder saved
+by their training), or any diffusers pipeline (a local folder or a hub id) through
+`DiffusionPipeline.from_pretrained`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-TESTBED_GUIDANCE = 3.0  # chosen on the evaluator (README, "Embedded model")
+EMBEDDED_GUIDANCE = 3.0  # chosen on the evaluator for the U-Net testbed (README, "Embedded model")
 DIFFUSERS_GUIDANCE = 7.5  # the usual default of SD-style pipelines
+EMBEDDED = {"testbed": "TestbedPipeline", "testbed-flow": "TestbedFlowPipeline"}  # name -> pipeline class
+
+
+def embedded_name(model: str | None) -> str | None:
+    """Which embedded model `model` names ("testbed" for None, a name, or a folder of one), else None."""
+    if model is None or model in EMBEDDED:
+        return model or "testbed"
+    index = Path(model) / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+    return next((name for name, pipeline in EMBEDDED.items() if pipeline == class_name), None)
 
 
 def is_testbed_folder(model: str) -> bool:
-    index = Path(model) / "model_index.json"
-    return index.exists() and json.loads(index.read_text()).get("_class_name") == "TestbedPipeline"
+    return model not in EMBEDDED and embedded_name(model) is not None
 
 
 def is_testbed(model: str | None) -> bool:
-    """None names the shipped embedded model."""
-    return model is None or is_testbed_folder(model)
+    """An embedded model: scored on its Fashion-MNIST classes by the shipped evaluator."""
+    return embedded_name(model) is not None
 
 
 def load_pipeline(model: str | None = None):
     """(pipeline, its default guidance scale)."""
-    if is_testbed(model):
+    name = embedded_name(model)
+    folder = None if model is None or model in EMBEDDED else model
+    if name == "testbed":
         from .testbed.model import load_pipeline as load_testbed
 
-        return load_testbed(model), TESTBED_GUIDANCE
+        return load_testbed(folder), EMBEDDED_GUIDANCE
+    if name == "testbed-flow":
+        from .testbed.flow_model import load_flow_pipeline
+
+        return load_flow_pipeline(folder), EMBEDDED_GUIDANCE
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model), DIFFUSERS_GUIDANCE

@@ -133,3 +133,43 @@ def test_flow_training_resumes_after_a_kill_with_the_same_losses(tmp_path, monke
         return [json.loads(line)["loss"] for line in (tmp_path / name / "loss.jsonl").read_text().splitlines()]
 
     assert losses("resumed") == losses("straight") and len(losses("straight")) == 4
+
+
+def test_the_flow_model_is_selectable_by_name_and_by_folder(tmp_path):
+    """`--model testbed-flow` (or a folder saved by its training) loads it and scores it as an embedded model."""
+    from postdiff.evaluation.workloads import FashionClasses, open_workload
+    from postdiff.loading import embedded_name, is_testbed, load_pipeline
+    from postdiff.testbed.flow_model import build_flow_pipeline
+
+    folder = tmp_path / "flow"
+    build_flow_pipeline(tmp_path / "tokenizer", num_layers=1).save_pretrained(folder)
+    assert embedded_name(str(folder)) == "testbed-flow" and embedded_name("testbed-flow") == "testbed-flow"
+    assert embedded_name(None) == "testbed" and not is_testbed(str(tmp_path))
+    pipe, guidance = load_pipeline(str(folder))
+    assert type(pipe).__name__ == "TestbedFlowPipeline" and guidance == 3.0
+    _, workload = open_workload(str(folder), None, None, "unused")
+    assert isinstance(workload, FashionClasses)
+
+
+def test_postdiff_drives_the_flow_model_off_exactly_and_with_every_technique(tmp_path):
+    import numpy as np
+
+    import postdiff
+    from postdiff import PostDiffConfig
+    from postdiff.models import spec_from_pipeline
+    from postdiff.testbed.flow_model import build_flow_pipeline
+
+    pipe = build_flow_pipeline(tmp_path / "tokenizer", num_layers=5)
+    pipe.set_progress_bar_config(disable=True)
+    arguments = dict(prompt="a photo of a bag", negative_prompt="", num_inference_steps=6, guidance_scale=3.0,
+                     num_images_per_prompt=2, output_type="np")
+    baseline = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+    postdiff.apply(pipe, PostDiffConfig())
+    assert np.array_equal(pipe(**arguments, generator=torch.Generator().manual_seed(0)).images, baseline)
+    config = PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=4, switch_noise="block")
+    plan = postdiff.plan_call(postdiff.apply(pipe, config), **arguments)
+    assert [step.latent_hw for step in plan.steps] == [(16, 16)] * 3 + [(32, 32)] * 3
+    assert plan.facts.text_length == 16  # the CLIP tokens only: no T5 part
+    images = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == baseline.shape and not np.array_equal(images, baseline)
+    assert spec_from_pipeline(pipe).denoiser.kind == "sd3"
