@@ -61,6 +61,7 @@ def with_config_flags(function):
     return command
 
 
+STRENGTH_HELP = "img2img strength: the call runs the last int(steps x strength) steps (1 = text-to-image)"
 CFG_HELP = ("classifier-free guidance batch (--no-cfg: guidance_scale <= 1; --cfg on FLUX: true CFG); "
             "default: the model's usual call (CFG, but none for FLUX)")
 
@@ -72,6 +73,7 @@ def plan(
     steps: int = typer.Option(20, help="num_inference_steps"),
     model: str = typer.Option("testbed", help="a shipped model name, testbed (the default model of generate), or a local diffusers folder"),
     cfg: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help=CFG_HELP),
+    strength: float = typer.Option(1.0, help=STRENGTH_HELP),
 ):
     """Print the step plan: per step the latent size, CFG, U-Net full or cached, cross-attention, events."""
     from .models import load_model_spec
@@ -79,7 +81,7 @@ def plan(
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
     print(f"model: {model}")
-    print(spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg)).describe())
+    print(spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg), strength=strength).describe())
 
 
 @app.command()
@@ -92,6 +94,7 @@ def flops(
     with_vae: bool = typer.Option(False, "--with-vae", help="add the VAE decode of the image (once per call)"),
     with_text: bool = typer.Option(False, "--with-text", help="add the text encoder(s): prompt, and negative prompt under CFG"),
     cfg: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help=CFG_HELP),
+    strength: float = typer.Option(1.0, help=STRENGTH_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
 ):
     """Per-step compute of one image from the same plan the sampler runs (units of 10^12); the denoiser only,
@@ -103,7 +106,7 @@ def flops(
         raise ConfigError(f"convention={convention!r} is not allowed: expected one of {', '.join(CONVENTIONS)}")
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
-    plan = spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg))
+    plan = spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg), strength=strength)
     components = spec.component_costs(with_vae, with_text, do_cfg=spec.runs_cfg(cfg))
     costs = plan_costs(spec.denoiser, plan)
     per_step = [cost.value(convention) / 1e12 for cost in costs]

@@ -53,9 +53,13 @@ class ModelSpec:
         model = meta_denoiser(self.denoiser)
         return DENOISER_KINDS[self.denoiser.kind].facts(model, self.latent_hw, restart_repeats(self.scheduler))
 
-    def plan(self, config: PostDiffConfig, num_inference_steps: int, do_cfg: bool = True) -> StepPlan:
-        """The plan a call with `num_inference_steps` runs: PLMS's timesteps include its warm-up repeat."""
-        num_timesteps = num_inference_steps + restart_repeats(self.scheduler)
+    def plan(self, config: PostDiffConfig, num_inference_steps: int, do_cfg: bool = True, strength: float = 1.0) -> StepPlan:
+        """The plan a call with `num_inference_steps` runs: PLMS's timesteps include its warm-up repeat; an
+        img2img `strength` skips the first steps as the pipelines' `get_timesteps` does."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength={strength} is not allowed: expected a number in (0, 1]")
+        skipped = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        num_timesteps = num_inference_steps + restart_repeats(self.scheduler) - skipped
         return make_plan(config, num_timesteps, self.facts(), do_cfg=do_cfg)
 
 

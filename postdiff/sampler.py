@@ -92,8 +92,8 @@ class Sampler:
         noise = randn_tensor(upsampled.shape, generator=generator, device=upsampled.device, dtype=upsampled.dtype)
         if self.config.switch_noise == "block":
             noise = block_noise(noise, self.low_noise)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(phase.timestep_start)
+        if hasattr(scheduler, "set_begin_index"):  # an index into the scheduler's own timesteps
+            scheduler.set_begin_index(self.family.begin_offset + phase.timestep_start)
         t = self.timesteps[phase.timestep_start : phase.timestep_start + 1]
         return self.traits.forward_diffuse(scheduler, upsampled, noise, t)
 

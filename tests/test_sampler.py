@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import LMSDiscreteScheduler, StableDiffusionSAGPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from recorder import UNetRecorder
 from tiny import SCHEDULERS, call, sd_pipeline, sdxl_pipeline
@@ -256,9 +256,9 @@ def test_unsupported_scheduler_pipeline_and_branch_are_refused(model_dir):
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2))  # no switch: any scheduler runs
     with pytest.raises(ConfigError, match="cache_branch=9 is not allowed: this U-Net has branches 0..5"):
         postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=9))
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    with pytest.raises(ConfigError, match="StableDiffusionImg2ImgPipeline is not supported.*StableDiffusionPipeline"):
-        postdiff.apply(img2img, PostDiffConfig())
+    other = StableDiffusionSAGPipeline(**pipe.components)
+    with pytest.raises(ConfigError, match="StableDiffusionSAGPipeline is not supported.*StableDiffusionPipeline"):
+        postdiff.apply(other, PostDiffConfig())
 
 
 def test_scheduler_swapped_after_apply_is_checked_at_call(model_dir):

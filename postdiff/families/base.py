@@ -56,6 +56,7 @@ class Family:
         self.device = pipe._execution_device
         self.denoised = None  # the scheduler's x0 of the last step, where it gives one (LCM)
         self.state = None  # the call's RunState (set by the sampler): families with several passes a step name them
+        self.begin_offset = 0  # scheduler timesteps before the call's first (img2img's strength skips them)
 
     @property
     def eta(self):

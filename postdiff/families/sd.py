@@ -8,6 +8,7 @@ the "off" config reproduces `StableDiffusionPipeline.__call__` bit for bit.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -174,3 +175,65 @@ class TestbedFamily(StableDiffusionFamily):
         if not a["return_dict"]:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+
+@register
+class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
+    """`StableDiffusionImg2ImgPipeline`: the loop starts from the init image's latents noised to the strength's
+    first timestep, and runs only the steps from there; a plan counts those steps, and `switch` is a fraction
+    of them.
+
+    Low resolution: the preprocessed image is resized to the phase's size (area averaging, an anti-aliased
+    downscale) and encoded by the pipeline's own `prepare_latents`, so the VAE sees an image and the
+    low-resolution phase starts from in-distribution latents of the smaller image, with noise of that size
+    (an image given as latents is area-resized directly)."""
+
+    name = "sd-img2img"
+    pipeline_names = ("StableDiffusionImg2ImgPipeline",)
+
+    def __init__(self, pipe, arguments: dict):
+        Family.__init__(self, pipe, arguments)
+        kwargs = arguments.get("kwargs") or {}
+        if kwargs.get("callback") is not None:
+            raise ValueError("the deprecated `callback` argument is not supported by postdiff; use callback_on_step_end")
+        self.callback_steps = kwargs.get("callback_steps")
+        self.image = None if arguments["image"] is None else pipe.image_processor.preprocess(arguments["image"])
+
+    def check(self) -> None:
+        Family.check(self)
+        pipe, a = self.pipe, self.args
+        pipe.check_inputs(a["prompt"], a["strength"], self.callback_steps, a["negative_prompt"], a["prompt_embeds"],
+                          a["negative_prompt_embeds"], a["ip_adapter_image"], a["ip_adapter_image_embeds"],
+                          a["callback_on_step_end_tensor_inputs"])
+        if self.image is None:
+            raise ValueError("image is required by StableDiffusionImg2ImgPipeline: got None")
+        pipe._guidance_scale = a["guidance_scale"]
+        pipe._clip_skip = a["clip_skip"]
+        pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
+        pipe._interrupt = False
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        height, width = self.image.shape[-2:]
+        factor = 1 if self.image.shape[1] == 4 else self.pipe.vae_scale_factor  # an image given as latents
+        return (height // factor, width // factor)
+
+    def timesteps(self) -> torch.Tensor:
+        """The pipeline's timesteps from the strength's start on (`begin_offset` of them are skipped)."""
+        pipe, a = self.pipe, self.args
+        all_timesteps, steps = retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])
+        timesteps, _ = pipe.get_timesteps(steps, a["strength"], self.device)
+        self.begin_offset = len(all_timesteps) - len(timesteps)
+        self.latent_timestep = timesteps[:1]
+        pipe._num_timesteps = len(timesteps)
+        return timesteps
+
+    def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        pipe, a = self.pipe, self.args
+        image = self.image
+        if latent_hw != self.latent_hw:
+            factor = 1 if image.shape[1] == 4 else pipe.vae_scale_factor
+            image = F.interpolate(image, size=(latent_hw[0] * factor, latent_hw[1] * factor), mode="area")
+        first = self.latent_timestep.repeat(self.num_images)
+        return pipe.prepare_latents(image, first, self.num_images // a["num_images_per_prompt"], a["num_images_per_prompt"],
+                                    self.prompt_embeds.dtype, self.device, a["generator"])
