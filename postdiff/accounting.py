@@ -107,6 +107,14 @@ class ComponentSpec:
             input_ids = torch.zeros(batch, self.text_length or text_length, dtype=torch.int64, device="meta")
             return count_call(lambda: model(input_ids=input_ids))
 
+    def encode_cost(self, latent_hw: tuple[int, int]) -> tuple[float, float]:
+        """(MACs, attention MACs) of the VAE encoding an image whose latents are `latent_hw` (img2img's init image)."""
+        model = self._meta_model()
+        factor = 2 ** (len(self.config["block_out_channels"]) - 1)
+        image = torch.empty(1, self.config.get("in_channels", 3), latent_hw[0] * factor, latent_hw[1] * factor, device="meta")
+        with torch.no_grad():
+            return count_call(lambda: model.encode(image, return_dict=False))
+
     def _meta_model(self) -> torch.nn.Module:
         if self.is_vae:
             from diffusers import AutoencoderKL

@@ -107,7 +107,8 @@ def flops(
     spec = load_model_spec(model)
     config = build_config(spec.family, **config_flags)
     plan = spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg), strength=strength)
-    components = spec.component_costs(with_vae, with_text, do_cfg=spec.runs_cfg(cfg))
+    encode_hw = plan.phases[0].latent_hw if strength < 1 else None  # img2img encodes its init image there
+    components = spec.component_costs(with_vae, with_text, do_cfg=spec.runs_cfg(cfg), encode_hw=encode_hw)
     costs = plan_costs(spec.denoiser, plan)
     per_step = [cost.value(convention) / 1e12 for cost in costs]
     per_component = {name: in_convention(*cost, convention) / 1e12 for name, cost in components.items()}

@@ -28,10 +28,11 @@ class ModelSpec:
     negative_prompt_encoded: bool = True  # SDXL zeroes an empty negative prompt instead of encoding it
     classifier_free_guidance: bool = True  # False: a guidance-distilled model run without a CFG batch (FLUX)
 
-    def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True,
-                        latent_hw: tuple[int, int] | None = None) -> dict[str, tuple[float, float]]:
+    def component_costs(self, with_vae: bool, with_text: bool, do_cfg: bool = True, latent_hw: tuple[int, int] | None = None,
+                        encode_hw: tuple[int, int] | None = None) -> dict[str, tuple[float, float]]:
         """(MACs, attention MACs) of one 1-image call's text encoding and VAE decode, by component name
-        (the decode at `latent_hw`, by default the model's native latent size)."""
+        (the decode at `latent_hw`, by default the model's native latent size), and with `encode_hw` the VAE
+        encode of an img2img init image at that latent size (the first phase's: its start is encoded there)."""
         if with_vae and self.vae is None:
             raise ValueError(f"model={self.name!r} has no VAE (it denoises in pixel space): --with-vae does not apply")
         if with_text and not self.text_encoders:
@@ -43,6 +44,8 @@ class ModelSpec:
             costs[name] = encoder.cost(self.latent_hw, self.denoiser.text_length, batch=prompts)
         if with_vae:
             costs["vae decoder"] = self.vae.cost(latent_hw or self.latent_hw, self.denoiser.text_length)
+        if with_vae and encode_hw is not None:
+            costs[f"vae encoder (init image, {encode_hw[0]}x{encode_hw[1]} latent)"] = self.vae.encode_cost(encode_hw)
         return costs
 
     def runs_cfg(self, requested: bool | None = None) -> bool:

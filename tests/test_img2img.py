@@ -108,3 +108,21 @@ def test_accounting_plans_a_strength_as_the_pipeline_runs_it(model_dir, schedule
     called = postdiff.plan_call(pipe, prompt="a bag", image=init_image(), strength=strength, num_inference_steps=10)
     counted = spec_from_pipeline(pipe).plan(config, 10, strength=strength)
     assert counted.steps == called.steps
+
+
+def test_flops_counts_the_init_image_encode_at_the_first_phase_size():
+    import json
+
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    def components(*flags):
+        result = CliRunner().invoke(app, ["flops", "--json", "--model", "sd15-512", "--with-vae", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["components"]
+
+    assert not any("encoder" in name for name in components())  # text-to-image encodes no image
+    full = components("--strength", "0.5")["vae encoder (init image, 64x64 latent)"]
+    low = components("--strength", "0.5", "--beta", "0.5", "--switch", "0.5")["vae encoder (init image, 32x32 latent)"]
+    assert full > 0.5 and low == pytest.approx(full / 4, rel=1e-9)  # T MACs; a convolutional encoder scales with pixels
