@@ -95,6 +95,7 @@ class Sampler:
         if hasattr(scheduler, "set_begin_index"):  # an index into the scheduler's own timesteps
             scheduler.set_begin_index(self.family.begin_offset + phase.timestep_start)
         t = self.timesteps[phase.timestep_start : phase.timestep_start + 1]
+        self.family.begin_phase(phase.latent_hw, noise)
         return self.traits.forward_diffuse(scheduler, upsampled, noise, t)
 
     def interrupted(self) -> bool:
@@ -110,15 +111,17 @@ class Sampler:
                 latents = self.renoise(scheduler, x0, phase)
             steps = plan.steps[phase.first_step : phase.first_step + phase.num_steps]
             last_phase = phase_index == len(plan.phases) - 1
-            for step, t in zip(steps, phase_timesteps(self.timesteps, phase)):
+            timesteps = phase_timesteps(self.timesteps, phase)
+            following = [*timesteps[1:], None if last_phase else self.timesteps[plan.phases[phase_index + 1].timestep_start]]
+            for step, t, next_t in zip(steps, timesteps, following):
                 if self.interrupted():
                     return latents
                 keep_x0 = not last_phase and step is steps[-1]
-                latents, x0 = self.run_step(scheduler, step, t, latents, phase.scale, keep_x0)
+                latents, x0 = self.run_step(scheduler, step, t, latents, phase.scale, keep_x0, next_t)
                 progress.update()
         return latents
 
-    def run_step(self, scheduler, step, t, latents, scale: float, keep_x0: bool):
+    def run_step(self, scheduler, step, t, latents, scale: float, keep_x0: bool, next_t=None):
         state, family = self.state, self.family
         state.enter(step)
         noise_pred = family.predict(scheduler, latents, t, step.cfg, scale)
@@ -133,7 +136,8 @@ class Sampler:
             self.low_noise = self.traits.implied_noise(scheduler, latents, x0, t)
         if self.trajectory is not None:
             self.trajectory.append(x0)
-        latents = self.step_callback(step.index, t, family.step_latents(output))
+        latents = family.after_step(scheduler, family.step_latents(output), next_t)
+        latents = self.step_callback(step.index, t, latents)
         return latents, x0
 
     def step_callback(self, index: int, t, latents: torch.Tensor) -> torch.Tensor:

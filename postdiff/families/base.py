@@ -137,6 +137,13 @@ class Family:
             guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.guidance_rescale)
         return guided
 
+    def begin_phase(self, latent_hw: tuple[int, int], noise: torch.Tensor) -> None:
+        """A phase after the switch begins at `latent_hw`; `noise` is the switch's re-noising noise."""
+
+    def after_step(self, scheduler, latents: torch.Tensor, next_t) -> torch.Tensor:
+        """The latents after a scheduler step; `next_t` is the next timestep of the call (None after the last)."""
+        return latents
+
     def step_latents(self, output) -> torch.Tensor:
         """The latents the loop goes on with, from `scheduler.step(..., return_dict=False)`: its first entry."""
         return output[0]
