@@ -55,10 +55,7 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
         if pipe.unet.config.in_channels not in (4, 9):
             raise ValueError(f"The unet {pipe.unet.__class__} should have either 4 or 9 input channels, not {pipe.unet.config.in_channels}.")
         self._check_masks()
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._clip_skip = a["clip_skip"]
-        pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
-        pipe._interrupt = False
+        self.set_call_fields()
 
     def _check_masks(self) -> None:
         """What the pipeline would find only after encoding: mask and masked-image batches that do not divide the

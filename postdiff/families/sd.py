@@ -207,6 +207,11 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
                           a["callback_on_step_end_tensor_inputs"])
         if self.image is None:
             raise ValueError("image is required by StableDiffusionImg2ImgPipeline: got None")
+        self.set_call_fields()
+
+    def set_call_fields(self) -> None:
+        """The fields the pipeline's `__call__` sets before its loop (its properties read them)."""
+        pipe, a = self.pipe, self.args
         pipe._guidance_scale = a["guidance_scale"]
         pipe._clip_skip = a["clip_skip"]
         pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
