@@ -57,11 +57,11 @@ def apply(pipe, config: PostDiffConfig | None = None):
     family = family_for(pipe)
     check_scheduler(pipe.scheduler, config.mixed_resolution)
     patch = Patch(config, family, type(pipe))
-    denoiser = getattr(pipe, family.denoiser_attribute)
     try:
-        family.kind().install_caches(denoiser, config, patch.state)
+        family.install_caches(pipe, config, patch.state)
     except BaseException:
-        remove_caches(denoiser)  # whatever went wrong, nothing half-installed stays behind
+        for model in family.cached_models(pipe):  # whatever went wrong, nothing half-installed stays behind
+            remove_caches(model)
         raise
     pipe._postdiff = patch
     pipe.__class__ = _patched_class(type(pipe))
@@ -73,7 +73,8 @@ def remove(pipe):
     patch = pipe.__dict__.get("_postdiff")
     if patch is None:
         return pipe
-    remove_caches(getattr(pipe, patch.family.denoiser_attribute))
+    for model in patch.family.cached_models(pipe):
+        remove_caches(model)
     pipe.__class__ = patch.original_class
     del pipe.__dict__["_postdiff"]
     return pipe

@@ -6,9 +6,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 CA_MODES = ("cond", "ave", "cfg", "none")
 SWITCH_NOISES = ("iid", "block")
+CONTROLNET_CACHES = ("shallow", "reuse", "full")
 # Fields added after results were first stored: in `to_dict` (the sweep store's key) only when set, so the
 # keys of stored rows stay valid.
-KEYED_WHEN_SET = ("switch_noise",)
+KEYED_WHEN_SET = ("switch_noise", "controlnet_cache")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
@@ -42,6 +43,10 @@ class PostDiffConfig:
         "block" (Pyramid Flow / RALU-style: its r x r block means are the low-resolution state's own noise, r
         the integer upsampling factor, the rest fresh noise with zero block means; still i.i.d. N(0, 1) per
         element, but continuous with the noise the low-resolution phase was denoising).
+    controlnet_cache: what a ControlNet does on DeepCache's cached steps (`cache_interval` > 1): "shallow"
+        (its modules that feed only cached U-Net layers reuse their last full-step output, the rest runs, so
+        the residuals of the live skips are fresh), "reuse" (its whole output is reused) or "full" (it runs
+        every step). Measured in docs/controlnet_cache.md; no effect without a ControlNet.
     """
 
     beta: float = 1.0
@@ -52,6 +57,7 @@ class PostDiffConfig:
     ca_mode: str = "cond"
     progressive: tuple[tuple[float, float], ...] = ()
     switch_noise: str = "iid"
+    controlnet_cache: str = "shallow"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")
@@ -65,6 +71,8 @@ class PostDiffConfig:
         _check(self.ca_mode in CA_MODES, "ca_mode", self.ca_mode, f"one of {', '.join(CA_MODES)}")
         self._check_progressive()
         _check(self.switch_noise in SWITCH_NOISES, "switch_noise", self.switch_noise, f"one of {', '.join(SWITCH_NOISES)}")
+        _check(self.controlnet_cache in CONTROLNET_CACHES, "controlnet_cache", self.controlnet_cache,
+               f"one of {', '.join(CONTROLNET_CACHES)}")
         if self.switch > 0 and self.beta == 1:
             raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
 

@@ -90,9 +90,11 @@ def cross_attention_modules(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, Attention) and module.is_cross_attention]
 
 
-def apply_cross_attention_cache(model: torch.nn.Module, mode: str, state: RunState) -> list[str]:
+def apply_cross_attention_cache(model: torch.nn.Module, mode: str, state: RunState, prefix: str = "") -> list[str]:
+    """Hooks on every cross-attention of `model`; entries are kept under `prefix` + name, so that the models of
+    one call (a U-Net and its ControlNets share module names) keep theirs apart."""
     names = cross_attention_modules(model)
     for name in names:
         registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
-        registry.register_hook(CrossAttentionCacheHook(name, state, mode), HOOK_NAME)
+        registry.register_hook(CrossAttentionCacheHook(prefix + name, state, mode), HOOK_NAME)
     return names

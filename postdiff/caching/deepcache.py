@@ -32,10 +32,11 @@ class Layer:
     skip: int | None  # down: index of the skip it produces; up: index it consumes; None for up-samplers
 
 
-def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
-    """The down layers (producing skips s_1...) and up layers (consuming skips), in execution order."""
+def down_layers(model: torch.nn.Module) -> list[Layer]:
+    """The down layers of a U-Net or a ControlNet (its copy of the U-Net's encoder), producing skips s_1...,
+    in execution order."""
     down, skip = [], 0
-    for block_index, block in enumerate(unet.down_blocks):
+    for block_index, block in enumerate(model.down_blocks):
         name = f"down_blocks.{block_index}"
         for layer in range(len(block.resnets)):
             skip += 1
@@ -43,7 +44,13 @@ def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
         if getattr(block, "downsamplers", None) is not None:
             skip += 1
             down.append(Layer(name, _indexed(block.downsamplers, f"{name}.downsamplers"), skip))
-    up, consumed = [], skip
+    return down
+
+
+def unet_layers(unet: torch.nn.Module) -> tuple[list[Layer], list[Layer]]:
+    """The down layers (producing skips s_1...) and up layers (consuming skips), in execution order."""
+    down = down_layers(unet)
+    up, consumed = [], len(down)
     for block_index, block in enumerate(unet.up_blocks):
         name = f"up_blocks.{block_index}"
         for layer in range(len(block.resnets)):
@@ -100,7 +107,7 @@ class DeepCacheHook(ModelHook):
 
     def __init__(self, name: str, state: RunState):
         super().__init__()
-        self.name = name
+        self.name = name  # the key of its output in `state.deep`: unique across the models one call runs
         self.state = state
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -115,7 +122,20 @@ class DeepCacheHook(ModelHook):
 
 def apply_deepcache(unet: torch.nn.Module, branch: int, state: RunState) -> list[str]:
     names = deep_modules(unet, branch)
-    for name in names:
-        registry = HookRegistry.check_if_exists_or_initialize(unet.get_submodule(name))
-        registry.register_hook(DeepCacheHook(name, state), HOOK_NAME)
+    hook_modules(unet, names, state)
     return names
+
+
+def encoder_deep_modules(model: torch.nn.Module, branch: int) -> list[str]:
+    """A ControlNet's modules that feed only the U-Net's deep part at `branch`: its down layers past s_branch
+    and its mid block (the residuals of cached skips are never read on a cached step)."""
+    down = down_layers(model)
+    return _coarsen([layer for layer in down if layer.skip > branch], down) + ["mid_block"]
+
+
+def hook_modules(model: torch.nn.Module, names: list[str], state: RunState, prefix: str = "") -> None:
+    """DeepCache hooks on `model`'s modules `names`, their outputs kept in `state.deep` under `prefix` + name."""
+    for name in names:
+        module = model.get_submodule(name) if name else model
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(DeepCacheHook(prefix + name, state), HOOK_NAME)

@@ -50,6 +50,16 @@ class Family:
     def kind(cls) -> DenoiserKind:
         return DENOISER_KINDS[cls.denoiser_kind]
 
+    @classmethod
+    def cached_models(cls, pipe) -> list[torch.nn.Module]:
+        """The models PostDiff's caches are installed on: the denoiser (and ControlNets, where a pipeline has them)."""
+        return [getattr(pipe, cls.denoiser_attribute)]
+
+    @classmethod
+    def install_caches(cls, pipe, config, state) -> None:
+        """Validate `config` against the pipeline's models, then install the caches it needs on them."""
+        cls.kind().install_caches(getattr(pipe, cls.denoiser_attribute), config, state)
+
     def __init__(self, pipe, arguments: dict):
         self.pipe = pipe
         self.args = arguments

@@ -70,15 +70,12 @@ class StableDiffusionFamily(Family):
         )
 
     def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
-        return self.pipe.unet(
-            model_input,
-            t,
-            encoder_hidden_states=self.cfg_embeds if cfg else self.prompt_embeds,
-            timestep_cond=self.timestep_cond,
-            cross_attention_kwargs=self.args["cross_attention_kwargs"],
-            added_cond_kwargs=None,
-            return_dict=False,
-        )[0]
+        return self.pipe.unet(model_input, t, **self.unet_inputs(cfg, scale), return_dict=False)[0]
+
+    def unet_inputs(self, cfg: bool, scale: float) -> dict:
+        """The U-Net's conditioning for a step on the CFG batch (`cfg`) or the conditional one, at `scale`."""
+        return dict(encoder_hidden_states=self.cfg_embeds if cfg else self.prompt_embeds, timestep_cond=self.timestep_cond,
+                    cross_attention_kwargs=self.args["cross_attention_kwargs"], added_cond_kwargs=None)
 
     def callback_tensors(self, latents: torch.Tensor) -> dict:
         return {"latents": latents, "prompt_embeds": self.cfg_embeds if self.do_cfg else self.prompt_embeds,

@@ -83,18 +83,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             self.time_ids[key] = ids if scale == 1.0 else torch.round(ids * scale)
         return self.time_ids[key]
 
-    def denoise(self, model_input: torch.Tensor, t: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+    def unet_inputs(self, cfg: bool, scale: float) -> dict:
         added = {"text_embeds": (self.cfg_text_embeds if cfg else self.pooled).to(self.device),
                  "time_ids": self._time_ids(scale, cfg)}
-        return self.pipe.unet(
-            model_input,
-            t,
-            encoder_hidden_states=(self.cfg_embeds if cfg else self.prompt_embeds).to(self.device),
-            timestep_cond=self.timestep_cond,
-            cross_attention_kwargs=self.args["cross_attention_kwargs"],
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        return dict(encoder_hidden_states=(self.cfg_embeds if cfg else self.prompt_embeds).to(self.device),
+                    timestep_cond=self.timestep_cond, cross_attention_kwargs=self.args["cross_attention_kwargs"],
+                    added_cond_kwargs=added)
 
     def callback_tensors(self, latents: torch.Tensor) -> dict:
         cfg = self.do_cfg
