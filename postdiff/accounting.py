@@ -30,8 +30,9 @@ ATTENTION_PRODUCTS = ("bmm", "baddbmm")  # the classic attention processor's sco
 @dataclass(frozen=True)
 class StepCost:
     step: Step
-    macs: float  # without attention products
+    macs: float  # without attention products (ControlNets included)
     attention_macs: float
+    controlnet_macs: float = 0.0  # the ControlNets' share of `macs`
 
     def value(self, convention: str) -> float:
         return in_convention(self.macs, self.attention_macs, convention)
@@ -56,14 +57,46 @@ def count_call(run, scope: str = "Global") -> tuple[float, float]:
     return (sum(by_op.values()) - attention) / 2, attention / 2
 
 
-def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[StepCost]:
-    """Cost of every step of `plan`, counted by running it on the meta device with PostDiff's hooks."""
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """ControlNets run beside a U-Net: `count` nets of the U-Net's encoder layout (a ControlNet is a copy of
+    it), with a condition embedding of `conditioning_embedding_out_channels` (its length - 1 halvings from
+    the image to the latent). `guess_mode` runs them on the conditional batch only."""
+
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    count: int = 1
+    guess_mode: bool = False
+
+    def build(self, unet: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import ControlNetModel
+
+        with torch.device("meta"):
+            net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=self.conditioning_embedding_out_channels,
+                                            load_weights_from_unet=False)
+        net.set_attn_processor(AttnProcessor())
+        return net
+
+    def inputs(self, unet_inputs: dict) -> dict:
+        sample = unet_inputs["sample"]
+        factor = 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+        batch = sample.shape[0] // 2 if self.guess_mode and sample.shape[0] > 1 else sample.shape[0]
+        inputs = {name: value[:batch] if name in ("sample", "encoder_hidden_states") else value for name, value in unet_inputs.items()}
+        if "added_cond_kwargs" in inputs:
+            inputs["added_cond_kwargs"] = {name: value[:batch] for name, value in inputs["added_cond_kwargs"].items()}
+        inputs["controlnet_cond"] = torch.empty(batch, 3, sample.shape[2] * factor, sample.shape[3] * factor, device="meta")
+        return inputs
+
+
+def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controlnet: ControlNetSpec | None = None) -> list[StepCost]:
+    """Cost of every step of `plan`, counted by running it on the meta device with PostDiff's hooks (on the
+    ControlNets too, when given)."""
     if plan.facts.text_length is not None:  # the call's own text length (T5 tokens)
         spec = replace(spec, text_length=plan.facts.text_length)
     kind = DENOISER_KINDS[spec.kind]
     model = meta_denoiser(spec)
     state = RunState()
     kind.install_caches(model, plan.config, state)  # validates the branch as `apply` does
+    nets = _meta_controlnets(model, controlnet, plan, state)
     state.begin(num_images, guidance_scale=2.0)
     costs, counted = [], {}
     with torch.no_grad():
@@ -72,10 +105,26 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1) -> list[
             step_kind = (step.latent_hw, step.cfg, step.deep, step.cross_attention)
             if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
-                counted[step_kind] = count_forward(model, kind.inputs(spec, batch, step.latent_hw))
+                inputs = kind.inputs(spec, batch, step.latent_hw)
+                control = [count_forward(net, controlnet.inputs(inputs)) for net in nets]
+                unet = count_forward(model, inputs)
+                counted[step_kind] = (unet[0] + sum(c[0] for c in control), unet[1] + sum(c[1] for c in control),
+                                      sum(c[0] for c in control))
             costs.append(StepCost(step, *counted[step_kind]))
     state.reset()
     return costs
+
+
+def _meta_controlnets(unet: torch.nn.Module, controlnet: ControlNetSpec | None, plan: StepPlan, state: RunState) -> list:
+    """The ControlNets on the meta device with the caches the sampler installs on them (caching/controlnet.py)."""
+    if controlnet is None:
+        return []
+    from .caching.controlnet import install_net_caches
+
+    nets = [controlnet.build(unet) for _ in range(controlnet.count)]
+    for index, net in enumerate(nets):
+        install_net_caches(net, plan.config, state, prefix=f"controlnet.{index}.")
+    return nets
 
 
 def total(costs: list[StepCost], convention: str = "macs") -> float:

@@ -95,6 +95,10 @@ def flops(
     with_text: bool = typer.Option(False, "--with-text", help="add the text encoder(s): prompt, and negative prompt under CFG"),
     cfg: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help=CFG_HELP),
     strength: float = typer.Option(1.0, help=STRENGTH_HELP),
+    controlnet: bool = typer.Option(False, "--controlnet", help="a ControlNet beside the U-Net (the public SD / SDXL "
+                                    "ControlNet layout: a copy of the U-Net's encoder), counted in every step"),
+    num_controlnets: int = typer.Option(1, min=1, help="with --controlnet: how many (MultiControlNet)"),
+    guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNets on the conditional batch only"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
 ):
     """Per-step compute of one image from the same plan the sampler runs (units of 10^12); the denoiser only,
@@ -109,13 +113,15 @@ def flops(
     plan = spec.plan(config, steps, do_cfg=spec.runs_cfg(cfg), strength=strength)
     encode_hw = plan.phases[0].latent_hw if strength < 1 else None  # img2img encodes its init image there
     components = spec.component_costs(with_vae, with_text, do_cfg=spec.runs_cfg(cfg), encode_hw=encode_hw)
-    costs = plan_costs(spec.denoiser, plan)
+    costs = plan_costs(spec.denoiser, plan, controlnet=spec.controlnet_spec(num_controlnets * controlnet, guess_mode))
     per_step = [cost.value(convention) / 1e12 for cost in costs]
     per_component = {name: in_convention(*cost, convention) / 1e12 for name, cost in components.items()}
     grand_total = sum(per_step) + sum(per_component.values())
     if as_json:
+        controlnets = sum(in_convention(cost.controlnet_macs, 0.0, convention) for cost in costs) / 1e12
         print(json.dumps({"model": model, "config": config.to_dict(), "steps": steps, "convention": convention,
-                          "per_step": per_step, "denoiser": sum(per_step), "components": per_component, "total": grand_total}))
+                          "per_step": per_step, "denoiser": sum(per_step), "controlnets": controlnets,
+                          "components": per_component, "total": grand_total}))
         return
     table = Table(title=f"{model}: {config.describe()} ({convention}, 10^12, one image)")
     for column in ("step", "latent", "cfg", "deep", "cross-attn", convention):
@@ -123,7 +129,10 @@ def flops(
     for cost, value in zip(costs, per_step):
         s = cost.step
         table.add_row(str(s.index), f"{s.latent_hw[0]}x{s.latent_hw[1]}", "on" if s.cfg else "off", s.deep, s.cross_attention, f"{value:.4f}")
-    table.add_row("denoiser", "", "", "", "", f"{sum(per_step):.3f}")
+    table.add_row("denoiser" + " + ControlNet" * controlnet, "", "", "", "", f"{sum(per_step):.3f}")
+    if controlnet:
+        share = sum(in_convention(cost.controlnet_macs, 0.0, convention) for cost in costs) / 1e12
+        table.add_row("of which ControlNet", "", "", "", "", f"{share:.3f}")
     for name, value in per_component.items():
         table.add_row(name, "", "", "", "", f"{value:.4f}")
     table.add_row("total", "", "", "", "", f"{grand_total:.3f}")

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .accounting import ComponentSpec
+from .accounting import ComponentSpec, ControlNetSpec
 from .config import PostDiffConfig
 from .denoisers import DENOISER_KINDS, DenoiserSpec, meta_denoiser
 from .plan import ModelFacts, StepPlan, make_plan
@@ -47,6 +47,17 @@ class ModelSpec:
         if with_vae and encode_hw is not None:
             costs[f"vae encoder (init image, {encode_hw[0]}x{encode_hw[1]} latent)"] = self.vae.encode_cost(encode_hw)
         return costs
+
+    def controlnet_spec(self, count: int, guess_mode: bool = False) -> ControlNetSpec | None:
+        """`count` ControlNets of the public SD / SDXL layout (None for none): a copy of the U-Net's encoder whose
+        condition embedding goes from the image to the latent size (4 stages for a VAE's factor 8; pixel-space
+        models: 1)."""
+        if count == 0:
+            return None
+        if self.denoiser.kind != "unet":
+            raise ValueError(f"--controlnet applies to U-Net models; model={self.name!r} has a {self.denoiser.kind} transformer")
+        channels = (16, 32, 96, 256) if self.vae is not None else (16,)
+        return ControlNetSpec(channels, count, guess_mode)
 
     def runs_cfg(self, requested: bool | None = None) -> bool:
         """Whether a call has a CFG batch: as requested, else the model's usual call."""

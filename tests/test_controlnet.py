@@ -231,3 +231,55 @@ def test_a_controlnet_of_another_layout_is_refused_at_apply(model_dir):
     with pytest.raises(ConfigError, match="down layers"):
         postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1))
     assert not any(hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
+
+
+class StepFlops:
+    """FLOPs of every step of a real run, U-Net and ControlNet together (from the ControlNet's start to the
+    U-Net's end: in the loop the ControlNet runs first)."""
+
+    def __init__(self, controlnet, unet):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.flops: list[int] = []
+        self.counter_class = FlopCounterMode
+        self.handles = [controlnet.register_forward_pre_hook(self._start), unet.register_forward_hook(self._stop)]
+
+    def _start(self, module, args):
+        self.counter = self.counter_class(display=False)
+        self.counter.__enter__()
+
+    def _stop(self, module, args, output):
+        self.counter.__exit__(None, None, None)
+        self.flops.append(self.counter.get_total_flops())
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("xl", [False, True])
+@pytest.mark.parametrize("config", [
+    PostDiffConfig(),
+    PostDiffConfig(beta=0.5, switch=0.5, cache_interval=3, cache_branch=1, cfg_stop=4),
+    PostDiffConfig(cache_interval=2, cache_branch=2, controlnet_cache="reuse"),
+    PostDiffConfig(cache_interval=2, cache_branch=0, controlnet_cache="full", cfg_stop=3, ca_mode="none"),
+])
+def test_a_real_controlnet_run_costs_exactly_what_the_plan_predicts(model_dir, xl, config):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from postdiff.accounting import ControlNetSpec, plan_costs
+    from postdiff.models import spec_from_pipeline
+
+    pipe = controlnet_pipeline(model_dir, nets=2, xl=xl)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    for net in pipe.controlnet.nets:
+        net.set_attn_processor(AttnProcessor())
+    postdiff.apply(pipe, config)
+    arguments = dict(image=[control_image(0), control_image(1)], num_inference_steps=8, num_images_per_prompt=2)
+    plan = postdiff.plan_call(pipe, prompt="a photo of a sneaker", **arguments)
+    counted = StepFlops(pipe.controlnet, pipe.unet)
+    call(pipe, **arguments)
+    counted.remove()
+    spec = ControlNetSpec(conditioning_embedding_out_channels=(4, 8), count=2)
+    predicted = [cost.value("flops") for cost in plan_costs(spec_from_pipeline(pipe).denoiser, plan, num_images=2, controlnet=spec)]
+    assert counted.flops == predicted

@@ -29,11 +29,16 @@ def controlnet_nets(controlnet: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def install_controlnet_caches(controlnet: torch.nn.Module, config: PostDiffConfig, state: RunState) -> None:
-    """The hooks `config` needs on every net; the branch was validated on the U-Net (same encoder layout)."""
+    """The hooks `config` needs on every net of a pipeline's `controlnet`; the branch was validated on the
+    U-Net (same encoder layout)."""
     for index, net in enumerate(controlnet_nets(controlnet)):
-        prefix = f"controlnet.{index}."
-        if config.deepcache and config.controlnet_cache != "full":
-            names = [""] if config.controlnet_cache == "reuse" else deepcache.encoder_deep_modules(net, config.cache_branch)
-            deepcache.hook_modules(net, names, state, prefix)
-        if config.cross_attention_cache:
-            cross_attention.apply_cross_attention_cache(net, config.ca_mode, state, prefix)
+        install_net_caches(net, config, state, prefix=f"controlnet.{index}.")
+
+
+def install_net_caches(net: torch.nn.Module, config: PostDiffConfig, state: RunState, prefix: str) -> None:
+    """One ControlNetModel's hooks; its cache entries are kept under `prefix`."""
+    if config.deepcache and config.controlnet_cache != "full":
+        names = [""] if config.controlnet_cache == "reuse" else deepcache.encoder_deep_modules(net, config.cache_branch)
+        deepcache.hook_modules(net, names, state, prefix)
+    if config.cross_attention_cache:
+        cross_attention.apply_cross_attention_cache(net, config.ca_mode, state, prefix)
