@@ -14,7 +14,8 @@ Low resolution: img2img area-downscales the preprocessed image and encodes it wi
 `prepare_latents` (as SD img2img); inpainting preprocesses image and mask at the phase's size (as SD
 inpainting). What cannot start at low resolution is refused before any compute: latents given as the start
 (`latents`, or a latent image with `denoising_start`) are noisy latents, and downscaling would average part
-of their noise away, so the phase would start at a lower noise level than its timestep says.
+of their noise away, so the phase would start at a lower noise level than its timestep says; an inpainting
+image given as latents cannot be preprocessed at the phase's size (the image processor passes latents through).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from .base import register
 from .inpaint import StableDiffusionInpaintFamily
 from .sd import StableDiffusionImg2ImgFamily
 from .sdxl import StableDiffusionXLFamily, until_denoising_end
+
+
+# Why latents given as a start cannot be downscaled for a low-resolution phase.
+NOISY = "they are noisy latents of the full size, and downscaling would average part of their noise away"
 
 
 def denoising_value_valid(value) -> bool:
@@ -88,12 +93,10 @@ class StableDiffusionXLEditMixin:
         # (original height, width, crop top, left, aesthetic score): the score is no size and keeps its value.
         return torch.cat([torch.round(ids[:, :-1] * scale), ids[:, -1:]], dim=1)
 
-    def _refuse_latents_at_low_resolution(self, plan, what: str) -> None:
+    def _refuse_at_low_resolution(self, plan, what: str, why: str) -> None:
         if plan.phases[0].latent_hw != self.latent_hw:
-            raise ConfigError(
-                f"{what} cannot start a mixed-resolution call: they are noisy latents of the full size, and downscaling "
-                f"would average part of their noise away; use beta=1.0 (caching only) for this call, or pass an image"
-            )
+            raise ConfigError(f"{what} cannot start a mixed-resolution call: {why}; use beta=1.0 (caching only) for "
+                              "this call, or pass an image")
 
 
 @register
@@ -111,9 +114,9 @@ class StableDiffusionXLImg2ImgFamily(StableDiffusionXLEditMixin, StableDiffusion
 
     def check_plan(self, plan) -> None:
         if self.args["latents"] is not None:
-            self._refuse_latents_at_low_resolution(plan, "Given `latents`")
+            self._refuse_at_low_resolution(plan, "Given `latents`", NOISY)
         elif not self.adds_noise and self.image.shape[1] == 4:
-            self._refuse_latents_at_low_resolution(plan, "An image given as latents with `denoising_start`")
+            self._refuse_at_low_resolution(plan, "An image given as latents with `denoising_start`", NOISY)
 
     def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         given = self.args["latents"]
@@ -135,7 +138,8 @@ class StableDiffusionXLInpaintFamily(StableDiffusionXLEditMixin, StableDiffusion
     def check_plan(self, plan) -> None:
         image = self.args["image"]
         if torch.is_tensor(image) and image.ndim >= 3 and image.shape[-3] == self.pipe.vae.config.latent_channels:
-            self._refuse_latents_at_low_resolution(plan, "An image given as latents")
+            self._refuse_at_low_resolution(plan, "An image given as latents", "the image processor passes latents "
+                                           "through at their size, so no phase-sized image or masked image can be made")
 
     def decode(self, latents: torch.Tensor):
         if self.args["output_type"] == "latent":  # the pipeline returns its output class whatever `return_dict`
