@@ -327,3 +327,21 @@ def test_accounting_plans_an_sdxl_strength_as_the_pipeline_runs_it(model_dir, sc
         called = postdiff.plan_call(pipe, prompt="a bag", image=init_image(), strength=strength, num_inference_steps=10, **extra)
         counted = spec_from_pipeline(pipe).plan(config, 10, strength=strength)
         assert counted.steps == called.steps
+
+
+def test_flops_plans_an_sdxl_strength_and_counts_the_init_image_encode_at_the_first_phase_size():
+    import json
+
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    def counted(*flags):
+        result = CliRunner().invoke(app, ["flops", "--json", "--model", "sdxl-1024", "--with-vae", "--strength", "0.5", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    full, mixed = counted("--steps", "10"), counted("--steps", "10", "--beta", "0.5", "--switch", "0.5")
+    assert len(full["per_step"]) == len(mixed["per_step"]) == 5  # the last int(10 x 0.5) steps
+    encode = full["components"]["vae encoder (init image, 128x128 latent)"]
+    assert mixed["components"]["vae encoder (init image, 64x64 latent)"] == pytest.approx(encode / 4, rel=1e-9)
