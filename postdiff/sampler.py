@@ -66,7 +66,9 @@ class Sampler:
         self.traits = check_scheduler(self.pipe.scheduler, self.config.mixed_resolution or self.trajectory is not None)
         self.timesteps = self.family.timesteps()
         facts = self.family.facts(self.family.latent_hw)
-        return make_plan(self.config, len(self.timesteps), facts, do_cfg=self.family.do_cfg)
+        plan = make_plan(self.config, len(self.timesteps), facts, do_cfg=self.family.do_cfg)
+        self.family.check_plan(plan)
+        return plan
 
     def __call__(self):
         plan = self.prepare()

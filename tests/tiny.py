@@ -86,15 +86,21 @@ def sd_pipeline(folder: Path, scheduler: str = "ddim", prediction_type: str = "e
     return pipe
 
 
-def sdxl_pipeline(folder: Path, scheduler: str = "euler", seed: int = 0):
-    torch.manual_seed(seed)
-    tok = tokenizer(folder / "tokenizer")
-    unet = sd_unet(
+def sdxl_unet(time_ids: int = 6, **overrides) -> UNet2DConditionModel:
+    """SDXL's U-Net layout; `time_ids`: 6 (sizes and crop), 5 with an aesthetic score (the refiner's)."""
+    return sd_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, transformer_layers_per_block=(1, 1, 2), addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16, use_linear_projection=True,
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=time_ids * 8 + 16, use_linear_projection=True,
+        **overrides,
     )
+
+
+def sdxl_pipeline(folder: Path, scheduler: str = "euler", seed: int = 0):
+    torch.manual_seed(seed)
+    tok = tokenizer(folder / "tokenizer")
+    unet = sdxl_unet()
     pipe = StableDiffusionXLPipeline(
         vae=vae(), text_encoder=text_encoder(len(tok)), text_encoder_2=text_encoder(len(tok), projection=True),
         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=make_scheduler(scheduler),

@@ -85,6 +85,9 @@ class Family:
     def timesteps(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_plan(self, plan) -> None:
+        """Refuse, before any compute, what this call's inputs cannot do under `plan` (a StepPlan)."""
+
     def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
         traits = traits_of(self.pipe.scheduler)
         repeats = traits.restart_repeats if traits is not None else 0

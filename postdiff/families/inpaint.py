@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .base import Family, register
+from .base import Family, call_with, register
 from .sd import StableDiffusionFamily, StableDiffusionImg2ImgFamily
 
 
@@ -46,10 +46,7 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
     def check(self) -> None:
         Family.check(self)
         pipe, a = self.pipe, self.args
-        pipe.check_inputs(a["prompt"], a["image"], a["mask_image"], self.height, self.width, a["strength"],
-                          self.callback_steps, a["output_type"], a["negative_prompt"], a["prompt_embeds"],
-                          a["negative_prompt_embeds"], a["ip_adapter_image"], a["ip_adapter_image_embeds"],
-                          a["callback_on_step_end_tensor_inputs"], a["padding_mask_crop"])
+        call_with(pipe.check_inputs, a, height=self.height, width=self.width, callback_steps=self.callback_steps)
         if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
             raise ConfigError("AsymmetricAutoencoderKL is not supported by postdiff's inpainting; use an AutoencoderKL")
         if pipe.unet.config.in_channels not in (4, 9):
@@ -94,7 +91,7 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
             self.num_images, pipe.vae.config.latent_channels, *self._pixels(latent_hw), self.prompt_embeds.dtype,
             self.device, a["generator"], a["latents"] if full_size else None, image=image,
             timestep=self.latent_timestep.repeat(self.num_images), is_strength_max=a["strength"] == 1.0,
-            return_noise=True, return_image_latents=self.blends,
+            return_noise=True, return_image_latents=self.blends, **self.latent_options(),
         )
         latents, noise, image_latents = outputs if self.blends else (*outputs, None)
         self.conditioning = self._conditioning(latent_hw, image, image_latents, noise)

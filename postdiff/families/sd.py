@@ -199,9 +199,7 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
     def check(self) -> None:
         Family.check(self)
         pipe, a = self.pipe, self.args
-        pipe.check_inputs(a["prompt"], a["strength"], self.callback_steps, a["negative_prompt"], a["prompt_embeds"],
-                          a["negative_prompt_embeds"], a["ip_adapter_image"], a["ip_adapter_image_embeds"],
-                          a["callback_on_step_end_tensor_inputs"])
+        call_with(pipe.check_inputs, a, callback_steps=self.callback_steps)  # by name: SDXL's takes more
         if self.image is None:
             raise ValueError("image is required by StableDiffusionImg2ImgPipeline: got None")
         self.set_call_fields()
@@ -224,11 +222,19 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
         """The pipeline's timesteps from the strength's start on (`begin_offset` of them are skipped)."""
         pipe, a = self.pipe, self.args
         all_timesteps, steps = retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])
-        timesteps, _ = pipe.get_timesteps(steps, a["strength"], self.device)
+        timesteps = self.start_timesteps(steps)
         self.begin_offset = len(all_timesteps) - len(timesteps)
         self.latent_timestep = timesteps[:1]
         pipe._num_timesteps = len(timesteps)
         return timesteps
+
+    def start_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The pipeline's `get_timesteps` (it also sets the scheduler's begin index): the strength's last steps."""
+        return self.pipe.get_timesteps(num_inference_steps, self.args["strength"], self.device)[0]
+
+    def latent_options(self) -> dict:
+        """Keyword arguments of the pipeline's `prepare_latents` beyond SD's (SDXL's `add_noise`)."""
+        return {}
 
     def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
         pipe, a = self.pipe, self.args
@@ -238,4 +244,4 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
             image = F.interpolate(image, size=(latent_hw[0] * factor, latent_hw[1] * factor), mode="area")
         first = self.latent_timestep.repeat(self.num_images)
         return pipe.prepare_latents(image, first, self.num_images // a["num_images_per_prompt"], a["num_images_per_prompt"],
-                                    self.prompt_embeds.dtype, self.device, a["generator"])
+                                    self.prompt_embeds.dtype, self.device, a["generator"], **self.latent_options())

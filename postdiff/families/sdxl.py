@@ -16,6 +16,15 @@ from .base import call_with, register
 from .sd import StableDiffusionFamily, guidance_embedding
 
 
+def until_denoising_end(scheduler, timesteps: torch.Tensor, end) -> torch.Tensor:
+    """The timesteps a `denoising_end` keeps (those at or above its cutoff), as the SDXL pipelines cut them; only a
+    float strictly between 0 and 1 cuts."""
+    if end is not None and isinstance(end, float) and 0 < end < 1:
+        cutoff = int(round(scheduler.config.num_train_timesteps - end * scheduler.config.num_train_timesteps))
+        timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+    return timesteps
+
+
 @register
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
@@ -32,10 +41,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def timesteps(self) -> torch.Tensor:
         a, scheduler = self.args, self.pipe.scheduler
         timesteps, _ = retrieve_timesteps(scheduler, a["num_inference_steps"], self.device, a["timesteps"], a["sigmas"])
-        end = a["denoising_end"]
-        if end is not None and isinstance(end, float) and 0 < end < 1:
-            cutoff = int(round(scheduler.config.num_train_timesteps - end * scheduler.config.num_train_timesteps))
-            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+        timesteps = until_denoising_end(scheduler, timesteps, a["denoising_end"])
         self.pipe._num_timesteps = len(timesteps)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
@@ -80,8 +86,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         key = (scale, cfg)
         if key not in self.time_ids:
             ids = self.add_time_ids if cfg or not self.do_cfg else self.add_time_ids[self.num_images :]
-            self.time_ids[key] = ids if scale == 1.0 else torch.round(ids * scale)
+            self.time_ids[key] = ids if scale == 1.0 else self._scaled_ids(ids, scale)
         return self.time_ids[key]
+
+    def _scaled_ids(self, ids: torch.Tensor, scale: float) -> torch.Tensor:
+        """(original size, crop, target size): every entry is a size in pixels."""
+        return torch.round(ids * scale)
 
     def unet_inputs(self, cfg: bool, scale: float) -> dict:
         added = {"text_embeds": (self.cfg_text_embeds if cfg else self.pooled).to(self.device),
