@@ -38,8 +38,8 @@ CONFIG_FLAGS = {
     "switch_noise": (Optional[str], typer.Option(None, help="re-noising at a switch: iid, or block (Pyramid Flow / RALU)")),
     "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
                                                 "joined by +, e.g. 0.75@0.25; none = two-stage")),
-    "controlnet_cache": (Optional[str], typer.Option(None, help="a ControlNet on DeepCache's cached steps: shallow "
-                                                     "(default), reuse or full")),
+    "controlnet_cache": (Optional[str], typer.Option(None, help="a ControlNet on DeepCache's cached steps: reuse "
+                                                     "(default), shallow or full")),
 }
 
 

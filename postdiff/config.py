@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 CA_MODES = ("cond", "ave", "cfg", "none")
 SWITCH_NOISES = ("iid", "block")
-CONTROLNET_CACHES = ("shallow", "reuse", "full")
+CONTROLNET_CACHES = ("reuse", "shallow", "full")
 # Fields added after results were first stored: in `to_dict` (the sweep store's key) only when set, so the
 # keys of stored rows stay valid.
 KEYED_WHEN_SET = ("switch_noise", "controlnet_cache")
@@ -43,10 +43,11 @@ class PostDiffConfig:
         "block" (Pyramid Flow / RALU-style: its r x r block means are the low-resolution state's own noise, r
         the integer upsampling factor, the rest fresh noise with zero block means; still i.i.d. N(0, 1) per
         element, but continuous with the noise the low-resolution phase was denoising).
-    controlnet_cache: what a ControlNet does on DeepCache's cached steps (`cache_interval` > 1): "shallow"
-        (its modules that feed only cached U-Net layers reuse their last full-step output, the rest runs, so
-        the residuals of the live skips are fresh), "reuse" (its whole output is reused) or "full" (it runs
-        every step). Measured in docs/controlnet_cache.md; no effect without a ControlNet.
+    controlnet_cache: what a ControlNet does on DeepCache's cached steps (`cache_interval` > 1): "reuse" (its
+        last full-step residuals, rescaled to the step's conditioning scale; nothing of it runs), "shallow" (its
+        modules that feed only cached U-Net layers reuse their last full-step output, the rest runs: the
+        residuals of the live skips are exact, the output is "full"'s) or "full" (it runs every step).
+        Measured in docs/controlnet_cache.md ("reuse" is best at equal MACs); no effect without a ControlNet.
     """
 
     beta: float = 1.0
@@ -57,7 +58,7 @@ class PostDiffConfig:
     ca_mode: str = "cond"
     progressive: tuple[tuple[float, float], ...] = ()
     switch_noise: str = "iid"
-    controlnet_cache: str = "shallow"
+    controlnet_cache: str = "reuse"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")

@@ -160,7 +160,7 @@ def live_residuals_check(pipe, branch: int):
 
 @pytest.mark.parametrize("branch", [0, 1, 3])
 def test_shallow_controlnet_cache_gives_fresh_residuals_for_the_live_skips(model_dir, branch):
-    pipe = postdiff.apply(controlnet_pipeline(model_dir), PostDiffConfig(cache_interval=3, cache_branch=branch))
+    pipe = postdiff.apply(controlnet_pipeline(model_dir), PostDiffConfig(cache_interval=3, cache_branch=branch, controlnet_cache="shallow"))
     assert live_residuals_check(pipe, branch) == [1, 2, 4, 5]
 
 
@@ -187,6 +187,24 @@ def test_reuse_returns_the_last_full_steps_residuals(model_dir):
     handle.remove()
     for full, cached in zip(outputs[0::2], outputs[1::2]):
         assert all(torch.equal(a, b) for a, b in zip(full[0], cached[0])) and torch.equal(full[1], cached[1])
+
+
+@pytest.mark.parametrize("window", [dict(control_guidance_end=0.5), dict(control_guidance_start=0.5)])
+def test_reuse_follows_a_control_window_that_changes_on_a_cached_step(model_dir, window):
+    """6 steps, k = 2: step 3 is cached. A window closing there gives zero residuals; one opening there runs the
+    net (its last full step recorded them at scale 0)."""
+    pipe = postdiff.apply(controlnet_pipeline(model_dir), PostDiffConfig(cache_interval=2, cache_branch=1, controlnet_cache="reuse"))
+    outputs = []
+    handle = pipe.controlnet.register_forward_hook(lambda m, a, o: outputs.append(o))
+    recorder = UNetRecorder(pipe.controlnet)
+    call(pipe, **window)
+    handle.remove()
+    recorder.remove()
+    step3 = torch.cat([d.flatten() for d in outputs[3][0]] + [outputs[3][1].flatten()])
+    if "control_guidance_end" in window:
+        assert recorder.calls[3]["ran"] == [] and step3.abs().max() == 0
+    else:
+        assert recorder.calls[3]["ran"] != [] and step3.abs().max() > 0
 
 
 def test_multi_controlnet_caches_every_net_apart_and_remove_restores_them(model_dir):

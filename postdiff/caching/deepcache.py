@@ -136,6 +136,5 @@ def encoder_deep_modules(model: torch.nn.Module, branch: int) -> list[str]:
 def hook_modules(model: torch.nn.Module, names: list[str], state: RunState, prefix: str = "") -> None:
     """DeepCache hooks on `model`'s modules `names`, their outputs kept in `state.deep` under `prefix` + name."""
     for name in names:
-        module = model.get_submodule(name) if name else model
-        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
         registry.register_hook(DeepCacheHook(prefix + name, state), HOOK_NAME)

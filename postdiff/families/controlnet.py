@@ -14,7 +14,7 @@ it treats PIL, NumPy and tensor inputs alike (the processor resizes tensors with
 image returned by `callback_on_step_end` replaces the current phase's control image; at a switch the
 replacement is resized to the next phase (area down, bilinear up).
 
-DeepCache: see caching/controlnet.py (`PostDiffConfig.controlnet_cache`).
+DeepCache: see caching/controlnet.py (`PostDiffConfig.controlnet_cache`, default "reuse": measured).
 """
 
 from __future__ import annotations
