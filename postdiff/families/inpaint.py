@@ -49,8 +49,10 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
         call_with(pipe.check_inputs, a, height=self.height, width=self.width, callback_steps=self.callback_steps)
         if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
             raise ConfigError("AsymmetricAutoencoderKL is not supported by postdiff's inpainting; use an AutoencoderKL")
-        if pipe.unet.config.in_channels not in (4, 9):
-            raise ValueError(f"The unet {pipe.unet.__class__} should have either 4 or 9 input channels, not {pipe.unet.config.in_channels}.")
+        latent, unet_in = pipe.vae.config.latent_channels, pipe.unet.config.in_channels
+        if unet_in not in (latent, 2 * latent + 1):  # SD: 4 (blend) or 9 (concatenated); pixel space: 1 or 3
+            raise ValueError(f"The unet {pipe.unet.__class__} should have either {latent} or {2 * latent + 1} input channels "
+                             f"(the VAE's {latent} latent channels, or them with a mask and masked-image latents), not {unet_in}.")
         self._check_masks()
         self.set_call_fields()
 
@@ -73,7 +75,7 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
     @property
     def blends(self) -> bool:
         """4-channel U-Nets keep the known region by blending; 9-channel ones are conditioned on it."""
-        return self.pipe.unet.config.in_channels == 4
+        return self.pipe.unet.config.in_channels == self.pipe.vae.config.latent_channels
 
     def timesteps(self) -> torch.Tensor:
         timesteps = super().timesteps()
