@@ -18,11 +18,12 @@ from postdiff.models import spec_from_pipeline
 
 
 class PerCallFlops:
-    """FLOPs of every U-Net forward of a real run (the classic attention processor makes attention countable)."""
+    """FLOPs of every denoiser forward of a real run (the classic attention processor makes attention countable);
+    with `first` (a ControlNet, which runs before the U-Net in a step), from `first`'s start to the U-Net's end."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, first=None):
         self.flops: list[int] = []
-        self.handles = [unet.register_forward_pre_hook(self._start), unet.register_forward_hook(self._stop)]
+        self.handles = [(first or unet).register_forward_pre_hook(self._start), unet.register_forward_hook(self._stop)]
 
     def _start(self, module, args):
         self.counter = FlopCounterMode(display=False)

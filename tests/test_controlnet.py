@@ -11,6 +11,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, Stable
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 from recorder import UNetRecorder
+from test_accounting import PerCallFlops
 from tiny import sd_pipeline, sdxl_pipeline
 
 import postdiff
@@ -251,30 +252,6 @@ def test_a_controlnet_of_another_layout_is_refused_at_apply(model_dir):
     assert not any(hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
 
 
-class StepFlops:
-    """FLOPs of every step of a real run, U-Net and ControlNet together (from the ControlNet's start to the
-    U-Net's end: in the loop the ControlNet runs first)."""
-
-    def __init__(self, controlnet, unet):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self.flops: list[int] = []
-        self.counter_class = FlopCounterMode
-        self.handles = [controlnet.register_forward_pre_hook(self._start), unet.register_forward_hook(self._stop)]
-
-    def _start(self, module, args):
-        self.counter = self.counter_class(display=False)
-        self.counter.__enter__()
-
-    def _stop(self, module, args, output):
-        self.counter.__exit__(None, None, None)
-        self.flops.append(self.counter.get_total_flops())
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("xl", [False, True])
 @pytest.mark.parametrize("config", [
     PostDiffConfig(),
@@ -295,7 +272,7 @@ def test_a_real_controlnet_run_costs_exactly_what_the_plan_predicts(model_dir, x
     postdiff.apply(pipe, config)
     arguments = dict(image=[control_image(0), control_image(1)], num_inference_steps=8, num_images_per_prompt=2)
     plan = postdiff.plan_call(pipe, prompt="a photo of a sneaker", **arguments)
-    counted = StepFlops(pipe.controlnet, pipe.unet)
+    counted = PerCallFlops(pipe.unet, first=pipe.controlnet)
     call(pipe, **arguments)
     counted.remove()
     spec = ControlNetSpec(conditioning_embedding_out_channels=(4, 8), count=2)

@@ -70,13 +70,6 @@ class ControlNetMixin:
         self.height, self.width = (full[0] if self.multi else full).shape[-2:]
         self.control = {self.latent_hw: full}
 
-    def set_call_fields(self) -> None:
-        pipe, a = self.pipe, self.args
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._clip_skip = a["clip_skip"]
-        pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
-        pipe._interrupt = False
-
     def _prepare_control_images(self):
         pipe, a = self.pipe, self.args
         image = a["image"]

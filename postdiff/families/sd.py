@@ -37,8 +37,13 @@ class StableDiffusionFamily(Family):
         super().check()
         pipe, a = self.pipe, self.args
         call_with(pipe.check_inputs, a, height=self.height, width=self.width, callback_steps=self.callback_steps)
-        pipe._guidance_scale = a["guidance_scale"]
+        self.set_call_fields()
         pipe._guidance_rescale = a["guidance_rescale"]
+
+    def set_call_fields(self) -> None:
+        """The fields the pipeline's `__call__` sets before its loop (its properties read them)."""
+        pipe, a = self.pipe, self.args
+        pipe._guidance_scale = a["guidance_scale"]
         pipe._clip_skip = a["clip_skip"]
         pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
         pipe._interrupt = False
@@ -203,14 +208,6 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
         if self.image is None:
             raise ValueError("image is required by StableDiffusionImg2ImgPipeline: got None")
         self.set_call_fields()
-
-    def set_call_fields(self) -> None:
-        """The fields the pipeline's `__call__` sets before its loop (its properties read them)."""
-        pipe, a = self.pipe, self.args
-        pipe._guidance_scale = a["guidance_scale"]
-        pipe._clip_skip = a["clip_skip"]
-        pipe._cross_attention_kwargs = a["cross_attention_kwargs"]
-        pipe._interrupt = False
 
     @property
     def latent_hw(self) -> tuple[int, int]:
