@@ -98,7 +98,7 @@ KINDS = {
     "flow": ModelKind(flow_model.build_flow_pipeline, ("transformer", "text_encoder", "text_encoder_2"), velocity_loss,
                       "velocity MSE", Path("runs/testbed-flow"), flow_model.FLOW_WEIGHTS_DIR,
                       {"transformer_config": flow_model.TRANSFORMER_CONFIG, "scheduler_config": flow_model.SCHEDULER_CONFIG},
-                      dict(steps=4000, warmup_steps=200, low_res=((16, 0.15), (24, 0.15)))),
+                      dict(warmup_steps=200, low_res=((16, 0.15), (24, 0.15)))),
 }
 
 
@@ -257,7 +257,7 @@ def main(
     work_dir: Optional[Path] = typer.Option(None, help="checkpoints and loss log (resumed when present); "
                                             "default runs/testbed (unet), runs/testbed-flow (flow)"),
     out_dir: Optional[Path] = typer.Option(None, help="where the trained pipeline is saved; default: the shipped weights"),
-    steps: Optional[int] = typer.Option(None, min=1, help="default 2000 (unet), 4000 (flow)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="default 2000 (both)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help=f"default {TrainConfig.batch_size}"),
     seed: int = typer.Option(TrainConfig.seed),
     threads: int = typer.Option(TrainConfig.threads, min=1, help="torch threads"),
