@@ -11,6 +11,10 @@ configuration alike instead of on one.
 Speedups and MACs ratios are against the plain diffusers pipeline measured in the same invocation; the
 whole-call MACs ratio adds the text encoder(s) and the VAE decode, which the wall clock also covers.
 `--render FILE.json` rewrites the Markdown table of an earlier run.
+`--compile` (full, the default, or regional) adds a compiled twin of every configuration (inductor, the
+default backend): the denoiser compiled whole after `postdiff.apply`, or its repeated blocks (diffusers'
+`compile_repeated_blocks`); its first call, which compiles a graph per kind of step, is reported apart
+("first call s"), the timed calls reuse the graphs.
 Workloads: the embedded model (32 px, 8 images), and an SD 1.5-size U-Net with random weights (real SD
 text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps with CFG.
 """
@@ -39,6 +43,7 @@ CONFIGS = {
 }
 WORKLOADS = ("testbed", "sd15-512", "sd15-256", "testbed-flow")
 EXTERNAL = "external:"  # config names "external:SPEC" run an external method (postdiff/evaluation/baselines.py)
+COMPILED = {"+compile": "full", "+compile-regional": "regional"}  # config name suffixes: its compiled twin
 
 
 def build_pipeline(workload: str, device: str):
@@ -101,6 +106,7 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
     pipe, arguments = build_pipeline(workload, device)
     family = postdiff.api.family_name(pipe)
     spec = spec_from_pipeline(pipe)
+    config_name, compiled = _compiled_suffix(config_name)
     config = _config(config_name, family)
     with postdiff.api.applied(pipe, config or postdiff.PostDiffConfig()):
         plan = postdiff.plan_call(pipe, **arguments)
@@ -109,8 +115,47 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
         before_call = _apply(applied, pipe, config_name, config, arguments)
         if config_name.startswith(EXTERNAL):  # not planned by postdiff: its MACs are measured on one call
             macs = measured_denoiser_macs(pipe, **{**arguments, "num_images_per_prompt": 1})
-        return _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call,
-                      macs, call_macs(spec, plan, macs, arguments))
+        if compiled:
+            eager_images = _images(pipe, arguments, before_call)
+            compile_denoiser(pipe, compiled)
+        row = _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call,
+                     macs, call_macs(spec, plan, macs, arguments))
+        if compiled:
+            difference = abs(_images(pipe, arguments, before_call) - eager_images).max()
+            row.update(config=config_name + next(k for k, v in COMPILED.items() if v == compiled),
+                       describe=f"{row['describe']}, torch.compile ({compiled})", max_abs_diff_vs_eager=float(difference))
+        return row
+
+
+def _images(pipe, arguments: dict, before_call):
+    """The call's images (numpy, in [0, 1]) from seed 0."""
+    import torch
+
+    before_call(0)
+    return pipe(**arguments, generator=torch.Generator(device="cpu").manual_seed(0)).images
+
+
+def _compiled_suffix(config_name: str) -> tuple[str, str | None]:
+    for suffix, how in COMPILED.items():
+        if config_name.endswith(suffix):
+            return config_name[: -len(suffix)], how
+    return config_name, None
+
+
+def compile_denoiser(pipe, how: str) -> None:
+    """The pipeline's denoiser compiled whole, or its repeated blocks (after `postdiff.apply`, which hooks
+    the modules it traces)."""
+    import torch
+
+    attribute = "unet" if hasattr(pipe, "unet") else "transformer"
+    model = getattr(pipe, attribute)
+    if how == "full":
+        setattr(pipe, attribute, torch.compile(model))
+    elif getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks()
+    else:  # SD3 and PixArt name no repeated blocks in diffusers 0.42: their transformer blocks
+        for block in model.transformer_blocks:
+            block.compile()
 
 
 def _apply(stack: contextlib.ExitStack, pipe, config_name: str, config, arguments: dict):
@@ -139,12 +184,12 @@ def _timed(workload, config_name, config, pipe, arguments, repeats, device, befo
         started = time.perf_counter()
         pipe(**arguments, generator=torch.Generator(device="cpu").manual_seed(0))
         _sync(device)
-        if index > 0:  # the first call is a warm-up
-            seconds.append(time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
+    first, seconds = seconds[0], seconds[1:]  # the first call is a warm-up (and compiles, where compiled)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     describe = config.describe() if config else config_name[len(EXTERNAL):] if config_name.startswith(EXTERNAL) else "plain diffusers"
     return {"workload": workload, "config": config_name, "describe": describe,
-            "seconds": statistics.median(seconds), "all_seconds": seconds, "peak_bytes": peak,
+            "seconds": statistics.median(seconds), "all_seconds": seconds, "first_seconds": first, "peak_bytes": peak,
             "rss_before_calls_bytes": baseline_rss * 1024, "macs": macs, "call_macs": whole_call_macs}
 
 
@@ -202,18 +247,20 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    lines = [f"device: {device}", "", "| workload | config | median s | fastest s | speedup (median) | speedup (fastest) | "
-             "MACs ratio, denoiser | MACs ratio, whole call | speedup / whole-call ratio | peak memory vs diffusers |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"device: {device}", "", "| workload | config | median s | fastest s | first call s | speedup (median) | "
+             "speedup (fastest) | MACs ratio, denoiser | MACs ratio, whole call | speedup / whole-call ratio | "
+             "peak memory vs diffusers | max abs difference to eager |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next(r for r in rows if r["workload"] == row["workload"] and r["config"] == "diffusers")
         speedup = base["seconds"] / row["seconds"]
         fastest = min(base["all_seconds"]) / min(row["all_seconds"])
         call_ratio = base["call_macs"] / row["call_macs"]
+        first = f"{row['first_seconds']:.2f}" if "first_seconds" in row else "-"
+        difference = f"{row['max_abs_diff_vs_eager']:.1e}" if "max_abs_diff_vs_eager" in row else "-"
         lines.append(f"| {row['workload']} | {row['config']} ({row['describe']}) | {row['seconds']:.2f} | "
-                     f"{min(row['all_seconds']):.2f} | {speedup:.2f}x | {fastest:.2f}x | "
+                     f"{min(row['all_seconds']):.2f} | {first} | {speedup:.2f}x | {fastest:.2f}x | "
                      f"{base['macs'] / row['macs']:.2f}x | {call_ratio:.2f}x | {speedup / call_ratio:.2f} | "
-                     f"{row['peak_bytes'] / base['peak_bytes'] - 1:+.1%} |")
+                     f"{row['peak_bytes'] / base['peak_bytes'] - 1:+.1%} | {difference} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +280,9 @@ def main() -> None:
                         "them, e.g. first-block-cache:threshold=0.05, taylorseer:interval=3, tomesd:ratio=0.5")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process, after one warm-up")
     parser.add_argument("--rounds", type=int, default=1, help="runs of the whole configuration list, alternating order")
+    parser.add_argument("--compile", nargs="?", const="full", choices=sorted(set(COMPILED.values())),
+                        help="add a compiled twin of every configuration: the denoiser whole (full, the default) or "
+                        "its repeated blocks (regional)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
@@ -248,6 +298,9 @@ def main() -> None:
         return
     configs = args.config or default_configs(args.workload or ["testbed"])
     configs += [EXTERNAL + ExternalMethod.parse(spec).spec for spec in args.external]  # refused here if malformed
+    if args.compile:
+        suffix = next(k for k, v in COMPILED.items() if v == args.compile)
+        configs = [variant for name in configs for variant in (name, name + suffix)]
     if "diffusers" not in configs:
         configs.insert(0, "diffusers")
     run_all(args.workload or ["testbed"], configs, args.repeats, args.device, args.out, args.rounds)

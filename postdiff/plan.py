@@ -56,6 +56,12 @@ class Step:
     capture_cross_attention: bool  # store this step's cross-attention outputs for later reuse
     events: tuple[Event, ...] = ()  # what happens before this step
 
+    @property
+    def kind(self) -> tuple:
+        """What decides the work of the step: the latent size, the batch and what the caches do. Steps of one kind
+        run the same modules on tensors of the same shapes (a compiled denoiser needs one graph a kind)."""
+        return (self.latent_hw, self.cfg, self.deep, self.cross_attention, self.capture_cross_attention)
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -66,6 +72,10 @@ class StepPlan:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def step_kinds(self) -> list[tuple]:
+        """The distinct `Step.kind`s, in order of first use."""
+        return list(dict.fromkeys(step.kind for step in self.steps))
 
     def describe(self) -> str:
         lines = [f"PostDiff plan: {len(self.steps)} steps, config: {self.config.describe()}"]

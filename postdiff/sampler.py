@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from .caching.state import RunState
+from .compiling import check_recompile_limit
 from .config import PostDiffConfig
 from .families.base import Family
 from .plan import Phase, StepPlan, make_plan
@@ -68,6 +69,7 @@ class Sampler:
         facts = self.family.facts(self.family.latent_hw)
         plan = make_plan(self.config, len(self.timesteps), facts, do_cfg=self.family.do_cfg)
         self.family.check_plan(plan)
+        check_recompile_limit(getattr(self.pipe, self.family.denoiser_attribute), plan, self.family.cfg_passes)
         return plan
 
     def __call__(self):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 from recorder import UNetRecorder
-from tiny import SCHEDULERS, SD_SCHEDULER, call, make_scheduler, sd_pipeline, sdxl_pipeline
+from tiny import SCHEDULERS, SD_SCHEDULER, call, hook_leftovers, make_scheduler, sd_pipeline, sdxl_pipeline
 
 import postdiff
 from postdiff import ConfigError, PostDiffConfig
@@ -162,17 +162,34 @@ def test_plan_call_touches_neither_the_scheduler_nor_the_pipeline(model_dir):
     assert pipe.__dict__.keys() == fields.keys() and all(pipe.__dict__[k] is v for k, v in fields.items())
 
 
-def _hook_leftovers(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if "_diffusers_hook" in module.__dict__ or "forward" in module.__dict__]
-
-
-def test_remove_leaves_no_hook_registry_and_no_instance_forward(model_dir):
+def test_remove_leaves_no_hook_no_swapped_class_and_no_instance_forward(model_dir):
     pipe = sd_pipeline(model_dir)
-    assert _hook_leftovers(pipe.unet) == []
+    assert hook_leftovers(pipe.unet) == []
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cfg_stop=4))
-    assert _hook_leftovers(pipe.unet)
+    assert hook_leftovers(pipe.unet)
     postdiff.remove(pipe)
-    assert _hook_leftovers(pipe.unet) == []
+    assert hook_leftovers(pipe.unet) == []
+
+
+def test_a_forward_set_on_the_instance_before_apply_runs_inside_the_hooks_and_is_put_back(model_dir):
+    """accelerate's offload hooks (and packages' leftovers) set `forward` on the instance, which would shadow
+    the hooked class's forward: it runs innermost, only when the module runs, and is restored by remove."""
+    pipe = sd_pipeline(model_dir)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    original = pipe.unet.mid_block.forward
+    pipe.unet.mid_block.forward = counting
+    baseline = call(pipe)
+    calls.clear()
+    postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1))
+    cached = call(pipe)
+    assert len(calls) == 4 and not np.array_equal(cached, baseline)  # the deep mid block ran on the 4 full steps of 8
+    postdiff.remove(pipe)
+    assert pipe.unet.mid_block.__dict__["forward"] is counting and np.array_equal(call(pipe), baseline)
 
 
 def test_apply_cleans_up_after_any_exception_during_installation(model_dir, monkeypatch):
@@ -185,7 +202,7 @@ def test_apply_cleans_up_after_any_exception_during_installation(model_dir, monk
     monkeypatch.setattr(cross_attention, "apply_cross_attention_cache", broken)
     with pytest.raises(RuntimeError, match="half-way"):
         postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cfg_stop=4))  # DeepCache was installed first
-    assert not postdiff.is_applied(pipe) and _hook_leftovers(pipe.unet) == []
+    assert not postdiff.is_applied(pipe) and hook_leftovers(pipe.unet) == []
     assert np.array_equal(call(pipe), baseline)
 
 

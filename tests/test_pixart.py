@@ -17,15 +17,14 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from test_accounting import PerCallFlops
-from tiny import t5_tokenizer
+from tiny import hook_leftovers, t5_tokenizer
 from transformers import T5Config, T5EncoderModel
 from typer.testing import CliRunner
 
 import postdiff
 from postdiff import ConfigError, PostDiffConfig
 from postdiff.accounting import plan_costs, total
-from postdiff.caching import HOOK_NAMES
-from postdiff.caching.blocks import RESIDUAL, apply_block_cache, cached_span
+from postdiff.caching.blocks import RESIDUAL, SPAN_INPUT, apply_block_cache, cached_span
 from postdiff.caching.state import RunState
 from postdiff.cli import app
 from postdiff.models import spec_from_pipeline
@@ -223,17 +222,17 @@ def test_a_cached_step_adds_the_stored_residual_to_the_new_input():
     with torch.no_grad():
         state.enter(plan.steps[0])
         full = transformer(x, **inputs)[0]
-        residual = state.deep[RESIDUAL]
+        residual = state.deep[RESIDUAL].value
         state.enter(plan.steps[1])
         cached = transformer(x, **inputs)[0]  # same input: the span's input and residual are the full step's
         state.enter(plan.steps[1])
         shifted = transformer(x + 1, **inputs)[0]
     assert torch.allclose(cached, full, atol=1e-5) and not torch.equal(shifted, full)
-    assert residual.shape == (2, 16, 24) and len(state.deep) == 1
+    assert residual.shape == (2, 16, 24) and state.deep[SPAN_INPUT].value is None  # released once the span has run
     state.enter(postdiff.plan.Step(2, 0, (8, 8), False, "cached", "computed", False, ("cfg_stop",)))
-    assert state.deep[RESIDUAL].shape == (1, 16, 24)  # the CFG stop keeps the conditional half
+    assert state.deep[RESIDUAL].value.shape == (1, 16, 24)  # the CFG stop keeps the conditional half
     state.reset()
-    assert not state.deep
+    assert set(state.deep) == {RESIDUAL, SPAN_INPUT} and all(slot.value is None for slot in state.deep.values())
 
 
 def test_branches_are_validated_before_any_compute_and_remove_restores_the_model():
@@ -246,8 +245,7 @@ def test_branches_are_validated_before_any_compute_and_remove_restores_the_model
         call(pipe)
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cfg_stop=3))
     postdiff.remove(pipe)
-    registries = [getattr(m, "_diffusers_hook", None) for m in pipe.transformer.modules()]
-    assert not any(r is not None and any(name in r.hooks for name in HOOK_NAMES) for r in registries)
+    assert hook_leftovers(pipe.transformer) == []
 
 
 # -- state across calls

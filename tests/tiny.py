@@ -110,6 +110,14 @@ def sdxl_pipeline(folder: Path, scheduler: str = "euler", seed: int = 0):
     return pipe
 
 
+def hook_leftovers(model: torch.nn.Module) -> list[str]:
+    """Modules that carry anything of postdiff's hooks: a hook tuple, a swapped class, a hook registry or an
+    instance `forward`."""
+    return [name for name, module in model.named_modules()
+            if {"_postdiff_hooks", "_diffusers_hook", "forward"} & module.__dict__.keys()
+            or hasattr(type(module), "_postdiff_original_class")]
+
+
 def call(pipe, seed: int = 0, **overrides):
     arguments = dict(prompt="a photo of a sneaker", negative_prompt="", num_inference_steps=8, guidance_scale=5.0,
                      height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(seed))

@@ -24,13 +24,14 @@ a resolution switch (the token count changes), cleared at the start and end of e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
-from .state import RunState
+from .hooks import Hook, install
+from .state import PASS_NAMES, RunState, Slot
 
-HOOK_NAME = "postdiff_block_cache"
-RESIDUAL = "blocks:residual"  # keys in RunState.deep
+RESIDUAL = "blocks:residual"  # names in RunState.deep (after the pass name)
 SPAN_INPUT = "blocks:span_input"  # the span's input during a full step, until its last block has run
 
 
@@ -45,74 +46,80 @@ def cached_span(num_blocks: int, branch: int) -> range:
     return range(branch + 1, num_blocks - branch - 1)
 
 
-class BlockSpanHook(ModelHook):
+@dataclass(frozen=True)
+class SpanSlots:
+    """One denoiser pass's span state: the residual of the last full step, and the span's input while a full
+    step runs (until the span's last block has run)."""
+
+    residual: Slot
+    span_input: Slot
+
+
+def span_slots(state: RunState, pass_names: tuple[str, ...]) -> dict[str, SpanSlots]:
+    return {name: SpanSlots(state.declare(state.deep, name + RESIDUAL), state.declare(state.deep, name + SPAN_INPUT))
+            for name in pass_names}
+
+
+class BlockSpanHook(Hook):
     """On one block of the span: the first records the span's input (full) or adds the residual (cached),
     the last stores the residual (full); on cached steps no block of the span runs."""
 
-    def __init__(self, state: RunState, first: bool, last: bool):
-        super().__init__()
+    def __init__(self, state: RunState, slots: dict[str, SpanSlots], first: bool, last: bool):
         self.state = state
+        self.slots = slots
         self.first = first
         self.last = last
+        self.variant = (first, last)
 
-    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
-        state = self.state
-        step = state.step
+    def new_forward(self, module: torch.nn.Module, forward, hidden_states: torch.Tensor, *args, **kwargs):
+        step = self.state.step
         if step is None:  # outside a PostDiff call: the block as it is
-            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+            return forward(hidden_states, *args, **kwargs)
+        slots = self.slots[self.state.pass_name]
         if step.deep == "cached":
-            return hidden_states + state.deep[RESIDUAL] if self.first else hidden_states
+            return hidden_states + slots.residual.value if self.first else hidden_states
         if self.first:
-            state.deep[SPAN_INPUT] = hidden_states
-        output = self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+            slots.span_input.value = hidden_states
+        output = forward(hidden_states, *args, **kwargs)
         if self.last:
-            state.deep[RESIDUAL] = output - state.deep.pop(SPAN_INPUT)
+            slots.residual.value, slots.span_input.value = output - slots.span_input.value, None
         return output
 
 
 def apply_block_cache(model: torch.nn.Module, branch: int, state: RunState, blocks: str = "transformer_blocks") -> list[str]:
     """Hook the blocks of the cached span of `model.<blocks>`; returns their names."""
     span = cached_span(len(model.get_submodule(blocks)), branch)
-    names = []
-    for index in span:
-        name = f"{blocks}.{index}"
-        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
-        registry.register_hook(BlockSpanHook(state, first=index == span[0], last=index == span[-1]), HOOK_NAME)
-        names.append(name)
+    slots = span_slots(state, PASS_NAMES[:1])
+    names = [f"{blocks}.{index}" for index in span]
+    for index, name in zip(span, names):
+        install(model.get_submodule(name), BlockSpanHook(state, slots, first=index == span[0], last=index == span[-1]))
     return names
 
 
-class JointBlockSpanHook(ModelHook):
+class JointBlockSpanHook(BlockSpanHook):
     """The same span cache for MM-DiT blocks (SD3's joint blocks, FLUX's double- and single-stream blocks),
     which take and return two streams, `(hidden_states, encoder_hidden_states) -> (encoder_hidden_states,
-    hidden_states)`: the span's residual is kept for both, the image and the text stream. Keys carry the
-    denoiser pass (`state.pass_name`), so FLUX's separate conditional and unconditional passes of true CFG
+    hidden_states)`: the span's residual is kept for both, the image and the text stream. Each denoiser pass
+    (`state.pass_name`) has its own slots, so FLUX's separate conditional and unconditional passes of true CFG
     keep separate residuals."""
 
-    def __init__(self, state: RunState, first: bool, last: bool):
-        super().__init__()
-        self.state = state
-        self.first = first
-        self.last = last
-
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        state = self.state
-        step = state.step
+    def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
+        step = self.state.step
         if step is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         hidden, text = _streams(args, kwargs)
-        residual, span_input = f"{state.pass_name}{RESIDUAL}", f"{state.pass_name}{SPAN_INPUT}"
+        slots = self.slots[self.state.pass_name]
         if step.deep == "cached":
             if not self.first:
                 return text, hidden
-            text_residual, hidden_residual = state.deep[residual]
+            text_residual, hidden_residual = slots.residual.value
             return text + text_residual, hidden + hidden_residual
         if self.first:
-            state.deep[span_input] = (text, hidden)
-        text_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+            slots.span_input.value = (text, hidden)
+        text_out, hidden_out = forward(*args, **kwargs)
         if self.last:
-            text_in, hidden_in = state.deep.pop(span_input)
-            state.deep[residual] = (text_out - text_in, hidden_out - hidden_in)
+            text_in, hidden_in = slots.span_input.value
+            slots.residual.value, slots.span_input.value = (text_out - text_in, hidden_out - hidden_in), None
         return text_out, hidden_out
 
 
@@ -126,7 +133,7 @@ def _streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_joint_block_cache(model: torch.nn.Module, block_names: list[str], branch: int, state: RunState) -> list[str]:
     """Hook the cached span of the MM-DiT blocks named in execution order; returns the hooked names."""
     span = [block_names[index] for index in cached_span(len(block_names), branch)]
+    slots = span_slots(state, PASS_NAMES)
     for name in span:
-        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
-        registry.register_hook(JointBlockSpanHook(state, first=name == span[0], last=name == span[-1]), HOOK_NAME)
+        install(model.get_submodule(name), JointBlockSpanHook(state, slots, first=name == span[0], last=name == span[-1]))
     return span

@@ -18,10 +18,10 @@ conditional batch, as the U-Net). Entries are kept under "controlnet.<net>." nam
 from __future__ import annotations
 
 import torch
-from diffusers.hooks import HookRegistry
 
 from ..config import PostDiffConfig
 from . import cross_attention, deepcache
+from .hooks import install
 from .state import RunState
 
 
@@ -37,18 +37,18 @@ class ControlNetReuseHook(deepcache.DeepCacheHook):
     step closes there; a window that opened since the last full step (residuals recorded at scale 0) runs the
     net."""
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
         step, scale = self.state.step, kwargs.get("conditioning_scale", 1.0)
-        cached = self.state.deep.get(self.name)
-        if step is not None and step.deep == "cached" and cached is not None and float(cached[2][0]) != 0.0:
+        cached = self.slot.value
+        if step is not None and step.deep == "cached" and cached is not None and cached[2] != 0.0:
             down, mid, recorded = cached
-            ratio = scale / float(recorded[0])
+            ratio = scale / recorded
             if ratio != 1.0:
                 down, mid = [d * ratio for d in down], mid * ratio
             return down, mid
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if step is not None:  # the scale as a 1-element tensor: the CFG stop's halving leaves it alone
-            self.state.deep[self.name] = (output[0], output[1], torch.full((1,), float(scale)))
+        output = forward(*args, **kwargs)
+        if step is not None:  # the scale as a Python number: a tensor's value would break a compiled graph
+            self.slot.value = (output[0], output[1], float(scale))
         return output
 
 
@@ -62,8 +62,7 @@ def install_controlnet_caches(controlnet: torch.nn.Module, config: PostDiffConfi
 def install_net_caches(net: torch.nn.Module, config: PostDiffConfig, state: RunState, prefix: str) -> None:
     """One ControlNetModel's hooks; its cache entries are kept under `prefix`."""
     if config.deepcache and config.controlnet_cache == "reuse":
-        registry = HookRegistry.check_if_exists_or_initialize(net)
-        registry.register_hook(ControlNetReuseHook(prefix, state), deepcache.HOOK_NAME)
+        install(net, ControlNetReuseHook(state, state.declare(state.deep, prefix)))
     elif config.deepcache and config.controlnet_cache == "shallow":
         deepcache.hook_modules(net, deepcache.encoder_deep_modules(net, config.cache_branch), state, prefix)
     if config.cross_attention_cache:

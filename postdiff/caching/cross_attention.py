@@ -4,28 +4,17 @@ output on the steps before m and return it afterwards instead of computing.
 Modes (what is kept from a CFG batch [uncond x n, cond x n]): "cond" the conditional half, "ave" the mean
 of the halves (T-GATE), "cfg" the guided combination uncond + w (cond - uncond). Each module keeps the
 output of the last step on which it ran before m (with DeepCache, deep modules last ran on a full step).
-A cache recorded at a lower resolution is resampled bilinearly to the current token grid when reused.
+A cache recorded at a lower resolution is resampled bilinearly to the current token grid before the step that
+reuses it (by the RunState, outside the hook: compiled code sees the same work on every cached step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 
-from .state import RunState
-
-HOOK_NAME = "postdiff_cross_attention"
-
-
-@dataclass
-class CrossAttentionEntry:
-    output: torch.Tensor  # (n, tokens, channels)
-    latent_hw: tuple[int, int]  # latent size of the step that recorded it
-    resized: dict = field(default_factory=dict)  # token count -> resampled output
+from .hooks import Hook, install
+from .state import CrossAttentionEntry, RunState, Slot
 
 
 def combine(output: torch.Tensor, mode: str, num_images: int, guidance_scale: float) -> torch.Tensor:
@@ -41,49 +30,21 @@ def combine(output: torch.Tensor, mode: str, num_images: int, guidance_scale: fl
     raise ValueError(f"ca_mode={mode!r} has no cache")
 
 
-def token_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
-    """The (h, w) grid of a U-Net level: the latent size halved (rounding up) until it has `tokens` cells."""
-    height, width = latent_hw
-    while height * width > tokens:
-        height, width = (height + 1) // 2, (width + 1) // 2
-    if height * width != tokens:
-        raise ValueError(f"{tokens} tokens do not form a level of a {latent_hw} latent")
-    return height, width
-
-
-def resample_tokens(output: torch.Tensor, source_hw: tuple[int, int], target_hw: tuple[int, int], tokens: int) -> torch.Tensor:
-    source = token_grid(source_hw, output.shape[1])
-    target = token_grid(target_hw, tokens)
-    grid = output.transpose(1, 2).reshape(output.shape[0], output.shape[2], *source)
-    grid = F.interpolate(grid, size=target, mode="bilinear", align_corners=False)
-    return grid.flatten(2).transpose(1, 2)
-
-
-class CrossAttentionCacheHook(ModelHook):
-    def __init__(self, name: str, state: RunState, mode: str):
-        super().__init__()
-        self.name = name
+class CrossAttentionCacheHook(Hook):
+    def __init__(self, state: RunState, mode: str, slot: Slot):
         self.state = state
         self.mode = mode
+        self.slot = slot
 
-    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
         step = self.state.step
-        if step is not None and step.cross_attention == "cached":
-            return self._cached(hidden_states)
-        output = self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        if step is not None and step.cross_attention == "cached":  # resampled to this step's size by the RunState
+            return self.slot.value.current
+        output = forward(*args, **kwargs)
         if step is not None and step.capture_cross_attention:
             kept = combine(output, self.mode, self.state.num_images, self.state.guidance_scale)
-            self.state.cross_attention[self.name] = CrossAttentionEntry(kept, self.state.latent_hw)
+            self.slot.value = CrossAttentionEntry(kept, self.state.latent_hw)
         return output
-
-    def _cached(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        entry = self.state.cross_attention[self.name]
-        tokens = hidden_states.shape[1]
-        if entry.output.shape[1] == tokens:
-            return entry.output
-        if tokens not in entry.resized:
-            entry.resized[tokens] = resample_tokens(entry.output, entry.latent_hw, self.state.latent_hw, tokens)
-        return entry.resized[tokens]
 
 
 def cross_attention_modules(model: torch.nn.Module) -> list[str]:
@@ -95,6 +56,6 @@ def apply_cross_attention_cache(model: torch.nn.Module, mode: str, state: RunSta
     one call (a U-Net and its ControlNets share module names) keep theirs apart."""
     names = cross_attention_modules(model)
     for name in names:
-        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
-        registry.register_hook(CrossAttentionCacheHook(prefix + name, state, mode), HOOK_NAME)
+        slot = state.declare(state.cross_attention, prefix + name)
+        install(model.get_submodule(name), CrossAttentionCacheHook(state, mode, slot))
     return names

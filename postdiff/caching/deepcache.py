@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
-from .state import RunState
-
-HOOK_NAME = "postdiff_deepcache"
+from .hooks import Hook, install
+from .state import RunState, Slot
 
 
 @dataclass(frozen=True)
@@ -102,21 +100,20 @@ def _coarsen(deep: list[Layer], every: list[Layer]) -> list[str]:
     return names
 
 
-class DeepCacheHook(ModelHook):
-    """Runs the module on full steps (keeping its output) and returns that output on cached steps."""
+class DeepCacheHook(Hook):
+    """Runs the module on full steps (keeping its output in its slot) and returns that output on cached steps."""
 
-    def __init__(self, name: str, state: RunState):
-        super().__init__()
-        self.name = name  # the key of its output in `state.deep`: unique across the models one call runs
+    def __init__(self, state: RunState, slot: Slot):
         self.state = state
+        self.slot = slot  # `state.deep`'s entry under a name unique across the models one call runs
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
         step = self.state.step
         if step is not None and step.deep == "cached":
-            return self.state.deep[self.name]
-        output = self.fn_ref.original_forward(*args, **kwargs)
+            return self.slot.value
+        output = forward(*args, **kwargs)
         if step is not None:
-            self.state.deep[self.name] = output
+            self.slot.value = output
         return output
 
 
@@ -136,5 +133,4 @@ def encoder_deep_modules(model: torch.nn.Module, branch: int) -> list[str]:
 def hook_modules(model: torch.nn.Module, names: list[str], state: RunState, prefix: str = "") -> None:
     """DeepCache hooks on `model`'s modules `names`, their outputs kept in `state.deep` under `prefix` + name."""
     for name in names:
-        registry = HookRegistry.check_if_exists_or_initialize(model.get_submodule(name))
-        registry.register_hook(DeepCacheHook(prefix + name, state), HOOK_NAME)
+        install(model.get_submodule(name), DeepCacheHook(state, state.declare(state.deep, prefix + name)))

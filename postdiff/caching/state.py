@@ -1,4 +1,12 @@
-"""RunState: everything one pipeline call's caches hold, reset at the start and the end of every call."""
+"""RunState: everything one pipeline call's caches hold, reset at the start and the end of every call.
+
+Each cached value lives in a `Slot`, made when its hook is installed (`declare`) and kept in a dict by name,
+so the events between steps (a switch, the CFG stop, the end of a call) reach every value. A hook holds its
+own slots: compiled denoisers (`torch.compile`) trace the hooks, and dynamo guards on what they read; a slot
+read through the hook is the same code for every module, where a per-module name would be a constant of its
+own. Work that depends on more than the step kind (resampling a cross-attention record to a new resolution)
+is done here, between steps, outside any compiled region.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,34 @@ from dataclasses import dataclass, field
 import torch
 
 from ..plan import Step
+from .tokens import resample_tokens
+
+# Denoiser passes of one step: "" (the CFG batch, or FLUX's conditional pass), "uncond:" (FLUX's true CFG).
+PASS_NAMES = ("", "uncond:")
+
+
+@dataclass
+class Slot:
+    """One cached value (a tensor, a tuple of them, a record), or None."""
+
+    value: object = None
+
+
+@dataclass
+class CrossAttentionEntry:
+    """A cross-attention output recorded at `latent_hw`, and `current`: the same at `current_hw`, the latent size
+    of the step that reads it (resampled by `RunState.enter`)."""
+
+    output: torch.Tensor  # (n, tokens, channels)
+    latent_hw: tuple[int, int]
+
+    def __post_init__(self):
+        self.current, self.current_hw = self.output, self.latent_hw
+
+    def align(self, latent_hw: tuple[int, int]) -> None:
+        if latent_hw != self.current_hw:
+            self.current = self.output if latent_hw == self.latent_hw else resample_tokens(self.output, self.latent_hw, latent_hw)
+            self.current_hw = latent_hw
 
 
 @dataclass
@@ -15,9 +51,15 @@ class RunState:
     latent_hw: tuple[int, int] | None = None
     num_images: int = 0  # conditional batch size (images per call)
     guidance_scale: float = 1.0
-    pass_name: str = ""  # which denoiser pass of a step runs: "" (the CFG batch), "uncond:" (FLUX's second pass)
-    deep: dict = field(default_factory=dict)  # DeepCache: module name -> output of the last full step; block caching: residual
-    cross_attention: dict = field(default_factory=dict)  # module name -> CrossAttentionEntry
+    pass_name: str = ""  # which denoiser pass of a step runs (PASS_NAMES)
+    # name -> Slot. DeepCache: a module's output of the last full step; block caching: the span's residual.
+    deep: dict = field(default_factory=dict)
+    # name -> Slot: a cross-attention module's CrossAttentionEntry, or a joint block's text-stream record.
+    cross_attention: dict = field(default_factory=dict)
+
+    def declare(self, store: dict, key: str) -> Slot:
+        """The slot named `key` in `store` (`self.deep` or `self.cross_attention`), made on first use."""
+        return store.setdefault(key, Slot())
 
     def begin(self, num_images: int, guidance_scale: float) -> None:
         self.reset()
@@ -28,8 +70,8 @@ class RunState:
         self.step = None
         self.latent_hw = None
         self.pass_name = ""
-        self.deep.clear()
-        self.cross_attention.clear()
+        self.reset_deep_cache()
+        _empty(self.cross_attention)
 
     def enter(self, step: Step) -> None:
         """Apply the events before `step` and make it the current step of every hook."""
@@ -37,23 +79,38 @@ class RunState:
             self.reset_deep_cache()
         if "cfg_stop" in step.events:
             self.drop_unconditional()
+        if step.cross_attention == "cached":
+            self.align_cross_attention(step.latent_hw)
         self.step, self.latent_hw = step, step.latent_hw
 
     def reset_deep_cache(self) -> None:
         """The deep features have the old spatial size after a resolution switch: drop them."""
-        self.deep.clear()
+        _empty(self.deep)
 
     def drop_unconditional(self) -> None:
         """At the CFG stop, keep the conditional half of cached deep features (exact for a cond-only batch)."""
-        self.deep = {name: conditional_half(value, self.num_images) for name, value in self.deep.items()}
+        for slot in self.deep.values():
+            slot.value = conditional_half(slot.value, self.num_images)
+
+    def align_cross_attention(self, latent_hw: tuple[int, int]) -> None:
+        """Cross-attention records made at another resolution are resampled to `latent_hw` before the step."""
+        for slot in self.cross_attention.values():
+            if isinstance(slot.value, CrossAttentionEntry):
+                slot.value.align(latent_hw)
+
+
+def _empty(store: dict) -> None:
+    for slot in store.values():
+        slot.value = None
 
 
 def conditional_half(value, num_images: int):
-    """diffusers batches CFG as [uncond x n, cond x n]: take the second half of every tensor in `value`."""
+    """diffusers batches CFG as [uncond x n, cond x n]: take the second half of every tensor in `value`, as a
+    tensor of its own (a view would start at an offset into its storage, which compiled code guards on)."""
     if isinstance(value, torch.Tensor):
-        return value[num_images:] if value.shape[0] == 2 * num_images else value
+        return value[num_images:].clone() if value.shape[0] == 2 * num_images else value
     if isinstance(value, (tuple, list)):
         return type(value)(conditional_half(item, num_images) for item in value)
-    if value is None:
-        return None
+    if value is None or isinstance(value, float):
+        return value
     raise TypeError(f"cannot take the conditional half of a cached {type(value).__name__}")

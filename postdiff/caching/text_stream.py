@@ -20,33 +20,31 @@ and for "ave" / "cfg" the unconditional pass combines with it.
 from __future__ import annotations
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from .blocks import _streams
 from .cross_attention import combine
-from .state import RunState
-
-HOOK_NAME = "postdiff_text_stream"
+from .hooks import Hook, install
+from .state import RunState, Slot
 SKIPPED_MODULES = ("ff_context", "attn.to_add_out")  # only feed the text stream's output
 
 
-class TextStreamBlockHook(ModelHook):
+class TextStreamBlockHook(Hook):
     """On a joint block: records its text input and output before the stop; reads them after."""
 
-    def __init__(self, name: str, state: RunState, mode: str, in_cached_span: bool):
-        super().__init__()
-        self.name = name
+    def __init__(self, state: RunState, mode: str, in_cached_span: bool, slot: Slot):
         self.state = state
         self.mode = mode
         self.in_cached_span = in_cached_span  # skipped by block caching on its cached steps: nothing to record then
+        self.slot = slot  # (text input, text output)
+        self.variant = (in_cached_span,)
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
         state, step = self.state, self.state.step
         if step is not None and step.cross_attention == "cached":
-            text_in, text_out = state.cross_attention[self.name]
+            text_in, text_out = self.slot.value
             args, kwargs = _with_text(args, kwargs, text_in)
-            return text_out, self.fn_ref.original_forward(*args, **kwargs)[1]
-        text_out, hidden_out = self.fn_ref.original_forward(*args, **kwargs)
+            return text_out, forward(*args, **kwargs)[1]
+        text_out, hidden_out = forward(*args, **kwargs)
         ran = not (self.in_cached_span and step is not None and step.deep == "cached")
         if step is not None and step.capture_cross_attention and ran:  # keep what the block last computed
             self._record(_streams(args, kwargs)[1], text_out)
@@ -56,30 +54,28 @@ class TextStreamBlockHook(ModelHook):
         state = self.state
         if state.pass_name == "uncond:":  # FLUX's second pass: combine with the conditional pass's record
             if self.mode != "cond":
-                cond_in, cond_out = state.cross_attention[self.name]
-                state.cross_attention[self.name] = (self._passes(text_in, cond_in), self._passes(text_out, cond_out))
+                cond_in, cond_out = self.slot.value
+                self.slot.value = (self._passes(text_in, cond_in), self._passes(text_out, cond_out))
             return
-        state.cross_attention[self.name] = tuple(combine(x, self.mode, state.num_images, state.guidance_scale)
-                                                 for x in (text_in, text_out))
+        self.slot.value = tuple(combine(x, self.mode, state.num_images, state.guidance_scale) for x in (text_in, text_out))
 
     def _passes(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return combine(torch.cat([uncond, cond]), self.mode, len(cond), self.state.guidance_scale)
 
 
-class SkipOnCachedTextHook(ModelHook):
+class SkipOnCachedTextHook(Hook):
     """On a module whose output only feeds the text stream's output: zeros of its output's shape while the
     text stream is read from the cache (the block's text output is replaced anyway)."""
 
     def __init__(self, state: RunState):
-        super().__init__()
         self.state = state
 
-    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    def new_forward(self, module: torch.nn.Module, forward, hidden_states: torch.Tensor, *args, **kwargs):
         step = self.state.step
         if step is not None and step.cross_attention == "cached":
             width = module.out_features if isinstance(module, torch.nn.Linear) else hidden_states.shape[-1]
             return hidden_states.new_zeros(*hidden_states.shape[:-1], width)
-        return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        return forward(hidden_states, *args, **kwargs)
 
 
 def _with_text(args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
@@ -109,8 +105,7 @@ def apply_text_stream_cache(model: torch.nn.Module, block_names: list[str], mode
     names = text_stream_blocks(model, block_names)
     for name in names:
         block = model.get_submodule(name)
-        hook = TextStreamBlockHook(name, state, mode, in_cached_span=name in cached_span)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
+        install(block, TextStreamBlockHook(state, mode, name in cached_span, state.declare(state.cross_attention, name)))
         for part in SKIPPED_MODULES:
-            HookRegistry.check_if_exists_or_initialize(block.get_submodule(part)).register_hook(SkipOnCachedTextHook(state), HOOK_NAME)
+            install(block.get_submodule(part), SkipOnCachedTextHook(state))
     return names

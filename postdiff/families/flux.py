@@ -32,6 +32,7 @@ from .base import Family, register
 @register
 class FluxFamily(Family):
     name = "flux"
+    cfg_passes = 2  # true CFG: a conditional pass, then an unconditional one
     pipeline_names = ("FluxPipeline",)
     unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
                              "negative_ip_adapter_image_embeds")
