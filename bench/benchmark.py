@@ -14,7 +14,8 @@ whole-call MACs ratio adds the text encoder(s) and the VAE decode, which the wal
 `--compile` (full, the default, or regional) adds a compiled twin of every configuration (inductor, the
 default backend): the denoiser compiled whole after `postdiff.apply`, or its repeated blocks (diffusers'
 `compile_repeated_blocks`); its first call, which compiles a graph per kind of step, is reported apart
-("first call s"), the timed calls reuse the graphs.
+("first call s", compiled cold: inductor's caches in a fresh folder per process), the timed calls reuse
+the graphs.
 Workloads: the embedded model (32 px, 8 images), and an SD 1.5-size U-Net with random weights (real SD
 text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps with CFG.
 """
@@ -29,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,7 +228,7 @@ def run_all(workloads: list[str], configs: list[str], repeats: int, device: str,
         for round_index in range(rounds):
             for config_name in configs if round_index % 2 == 0 else configs[::-1]:
                 command = [sys.executable, __file__, "--worker", workload, config_name, "--repeats", str(repeats), "--device", device]
-                result = subprocess.run(command, check=True, capture_output=True, text=True)
+                result = subprocess.run(command, check=True, capture_output=True, text=True, env=_worker_environment(config_name))
                 runs[config_name].append(json.loads(result.stdout.strip().splitlines()[-1]))
                 print(f"{workload:>9} {config_name:>12} round {round_index}: {runs[config_name][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
         rows += [merge_rounds(runs[name]) for name in configs]
@@ -234,6 +236,15 @@ def run_all(workloads: list[str], configs: list[str], repeats: int, device: str,
     (out / "benchmark.json").write_text(json.dumps(rows, indent=1))
     (out / "benchmark.md").write_text(markdown(rows, device))
     return rows
+
+
+def _worker_environment(config_name: str) -> dict:
+    """A compiled configuration compiles cold: inductor's on-disk caches in a fresh folder of its own, so its
+    first call does not reuse kernels an earlier row compiled."""
+    environment = dict(os.environ)
+    if _compiled_suffix(config_name)[1]:
+        environment["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="postdiff-bench-inductor-")
+    return environment
 
 
 def merge_rounds(runs: list[dict]) -> dict:

@@ -53,10 +53,6 @@ def install(module: torch.nn.Module, hook: Hook) -> None:
     module.__dict__[ATTRIBUTE] = hooks
 
 
-def hooks_of(module: torch.nn.Module) -> tuple[Hook, ...]:
-    return module.__dict__.get(ATTRIBUTE, ())
-
-
 def remove_hooks(model: torch.nn.Module) -> None:
     """Remove every postdiff hook from `model` and its submodules, restoring their classes."""
     for module in model.modules():
