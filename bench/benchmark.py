@@ -228,7 +228,8 @@ def run_all(workloads: list[str], configs: list[str], repeats: int, device: str,
         for round_index in range(rounds):
             for config_name in configs if round_index % 2 == 0 else configs[::-1]:
                 command = [sys.executable, __file__, "--worker", workload, config_name, "--repeats", str(repeats), "--device", device]
-                result = subprocess.run(command, check=True, capture_output=True, text=True, env=_worker_environment(config_name))
+                with _worker_environment(config_name) as environment:
+                    result = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
                 runs[config_name].append(json.loads(result.stdout.strip().splitlines()[-1]))
                 print(f"{workload:>9} {config_name:>12} round {round_index}: {runs[config_name][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
         rows += [merge_rounds(runs[name]) for name in configs]
@@ -238,13 +239,16 @@ def run_all(workloads: list[str], configs: list[str], repeats: int, device: str,
     return rows
 
 
-def _worker_environment(config_name: str) -> dict:
-    """A compiled configuration compiles cold: inductor's on-disk caches in a fresh folder of its own, so its
-    first call does not reuse kernels an earlier row compiled."""
+@contextlib.contextmanager
+def _worker_environment(config_name: str):
+    """A compiled configuration compiles cold: inductor's on-disk caches in a fresh folder of its own (removed
+    afterwards), so its first call does not reuse kernels an earlier row compiled."""
     environment = dict(os.environ)
-    if _compiled_suffix(config_name)[1]:
-        environment["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="postdiff-bench-inductor-")
-    return environment
+    if not _compiled_suffix(config_name)[1]:
+        yield environment
+        return
+    with tempfile.TemporaryDirectory(prefix="postdiff-bench-inductor-") as cache:
+        yield {**environment, "TORCHINDUCTOR_CACHE_DIR": cache}
 
 
 def merge_rounds(runs: list[dict]) -> dict:
