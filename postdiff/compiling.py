@@ -28,17 +28,17 @@ def is_compiled(model: torch.nn.Module) -> bool:
     return is_compiled_module(model) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
-def graphs_needed(plan: StepPlan, cfg_passes: int = 1) -> int:
-    """The graphs a compiled denoiser makes for `plan`: one a step kind, times the passes of a CFG step where
-    CFG runs as separate passes (FLUX's true CFG: `cfg_passes` 2)."""
-    return sum(cfg_passes if cfg else 1 for _, cfg, *_ in plan.step_kinds())
+def graphs_needed(step_kinds: list[tuple], cfg_passes: int = 1) -> int:
+    """The graphs a compiled denoiser makes for these `Step.kind`s: one a kind, times the passes of a CFG step
+    where CFG runs as separate passes (FLUX's true CFG: `cfg_passes` 2)."""
+    return sum(cfg_passes if cfg else 1 for _, cfg, *_ in step_kinds)
 
 
 def check_recompile_limit(model: torch.nn.Module, plan: StepPlan, cfg_passes: int = 1) -> None:
     """Warn when `model` is compiled and `plan` needs more graphs than dynamo compiles for one function."""
     if not is_compiled(model):
         return
-    limit, needed = torch._dynamo.config.recompile_limit, graphs_needed(plan, cfg_passes)
+    limit, needed = torch._dynamo.config.recompile_limit, graphs_needed(plan.step_kinds(), cfg_passes)
     if needed > limit:
         warnings.warn(
             f"this call runs {needed} kinds of denoiser steps (plan.step_kinds()), and the compiled denoiser needs a "

@@ -69,21 +69,20 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def record_step_kinds(pipe) -> list:
-    """The kind of every step the calls run, seen where the sampler enters it (outside the compiled region)."""
-    state, kinds = pipe._postdiff.state, []
+def record_steps(pipe) -> list:
+    """Every step the calls run, seen where the sampler enters it (outside the compiled region)."""
+    state, steps = pipe._postdiff.state, []
 
     def enter(step):
-        kinds.append(step)
+        steps.append(step)
         RunState.enter(state, step)
 
     state.enter = enter
-    return kinds
+    return steps
 
 
-def plan_of(steps: list):
-    """A stand-in with `step_kinds`, from the steps a call ran, for `graphs_needed`."""
-    return type("RanPlan", (), {"step_kinds": lambda self: list(dict.fromkeys(step.kind for step in steps))})()
+def kinds_of(steps: list) -> list[tuple]:
+    return list(dict.fromkeys(step.kind for step in steps))
 
 
 def as_array(images) -> np.ndarray:
@@ -103,13 +102,13 @@ def test_a_compiled_denoiser_gives_the_eager_output_with_one_graph_per_step_kind
     pipe = postdiff.apply(build(model_dir), config)
     eager = as_array(run(pipe, **arguments))
     setattr(pipe, attribute, torch.compile(getattr(pipe, attribute), backend=backend, fullgraph=True))
-    steps = record_step_kinds(pipe)
+    steps = record_steps(pipe)
     compiled = as_array(run(pipe, **arguments))
     first_graphs = graphs()
     again = as_array(run(pipe, **arguments))
     assert np.abs(compiled - eager).max() <= TOLERANCE
     assert not counters["graph_break"]
-    needed = graphs_needed(plan_of(steps), pipe._postdiff.family.cfg_passes)
+    needed = graphs_needed(kinds_of(steps), pipe._postdiff.family.cfg_passes)
     assert 1 <= first_graphs <= needed, (first_graphs, needed)
     assert graphs() == first_graphs and np.array_equal(again, compiled)  # the second call compiles nothing
 
@@ -141,7 +140,7 @@ def test_regionally_compiled_blocks_give_the_eager_output_and_compile_once(model
     eager = as_array(run(pipe, **arguments))
     model = getattr(pipe, attribute)
     compile_blocks(model, backend="eager", fullgraph=True)
-    steps = record_step_kinds(pipe)
+    steps = record_steps(pipe)
     compiled = as_array(run(pipe, **arguments))
     first_graphs = graphs()
     again = as_array(run(pipe, **arguments))
@@ -150,7 +149,7 @@ def test_regionally_compiled_blocks_give_the_eager_output_and_compile_once(model
     assert graphs() == first_graphs and np.array_equal(again, compiled)
     # One graph per step kind for every kind of region; one more where dynamo specializes on an input's strides
     # (PixArt's first block gets the patch embedding's transposed view, the others contiguous tensors).
-    needed = graphs_needed(plan_of(steps), pipe._postdiff.family.cfg_passes)
+    needed = graphs_needed(kinds_of(steps), pipe._postdiff.family.cfg_passes)
     per_region = [len(_debug_get_cache_entry_list(code)) for code in region_codes(model)]
     assert per_region and max(per_region) <= min(needed + 1, torch._dynamo.config.recompile_limit), (per_region, needed)
 
@@ -173,7 +172,7 @@ def test_a_plan_needing_more_graphs_than_dynamo_compiles_warns_before_any_comput
     config = PostDiffConfig(beta=0.5, switch=0.25, progressive=((0.75, 0.25),), cache_interval=2, cfg_stop=5)
     pipe = postdiff.apply(tiny.sd_pipeline(model_dir), config)
     plan = postdiff.plan_call(pipe, "a bag", num_inference_steps=8, height=32, width=32)
-    assert graphs_needed(plan) == len(plan.step_kinds()) == 7  # 3 sizes x full / cached, + CFG stop at full size
+    assert graphs_needed(plan.step_kinds()) == len(plan.step_kinds()) == 7  # 3 sizes x full / cached, + CFG stop at full size
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 6)
     pipe.unet = torch.compile(pipe.unet, backend="eager")
     with pytest.warns(UserWarning, match="recompile_limit = 7"):
