@@ -1,8 +1,8 @@
 """torch.compile with PostDiff: a compiled denoiser (whole, or by region) gives the eager output, is traced
 without a graph break, makes at most one graph per kind of step (and per pass of FLUX's true CFG; by region:
-per kind of region), and a second call compiles nothing. The "eager" backend runs dynamo's capture (the part that breaks graphs and
-recompiles) without code generation, "aot_eager" adds AOT autograd's functionalization; both keep the
-eager result within 1e-6. Inductor's code generation (minutes a graph on this CPU) is measured by
+per kind of region), and a second call compiles nothing. The "eager" backend runs dynamo's capture (the
+part that breaks graphs and recompiles) without code generation, "aot_eager" adds AOT autograd's
+functionalization; both keep the eager result within 1e-6. Inductor's code generation (minutes a graph on this CPU) is measured by
 `bench/benchmark.py --compile`, with its output's distance to eager."""
 
 from __future__ import annotations
