@@ -1,8 +1,8 @@
 """torch.compile with PostDiff.
 
 The step plan fixes, before any compute, what every step runs, and the cache hooks branch only on the step's
-kind (plain Python attributes, which dynamo guards on), never on tensor values; the dicts they read and write
-keep the same keys all call long, and the one piece of work that depends on more than the step kind
+kind (plain Python attributes, which dynamo guards on), never on tensor values; the values they read and write
+live in slots made when they are installed, and the one piece of work that depends on more than the step kind
 (resampling a cross-attention record to a new resolution) runs between steps. So a compiled denoiser, whole
 (`pipe.unet = torch.compile(pipe.unet)`) or by region (diffusers' `compile_repeated_blocks`, or `.compile()`
 on each transformer block), is traced once per kind of step without a graph break, and the graphs are

@@ -19,7 +19,7 @@ import functools
 import types
 
 import torch
-from diffusers.utils.torch_utils import is_compiled_module
+from diffusers.utils.torch_utils import unwrap_module
 
 ATTRIBUTE = "_postdiff_hooks"
 # A `forward` set on the instance by someone else before us (accelerate's offload hooks, a package's leftover
@@ -37,14 +37,9 @@ class Hook:
         raise NotImplementedError
 
 
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module a `torch.compile`d one wraps (its class is the one to hook), or `model` itself."""
-    return model._orig_mod if is_compiled_module(model) else model
-
-
 def install(module: torch.nn.Module, hook: Hook) -> None:
     """Add `hook` to `module` as its outermost hook."""
-    module = unwrapped(module)
+    module = unwrap_module(module)  # a torch.compile'd module's class is not the one to hook
     if "forward" in module.__dict__:
         module.__dict__[INSTANCE_FORWARD] = module.__dict__.pop("forward")
     hooks = (hook, *module.__dict__.get(ATTRIBUTE, ()))

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import unwrap_module
 
 from ..caching.controlnet import controlnet_nets, install_controlnet_caches
 from ..caching.deepcache import down_layers
-from ..caching.hooks import unwrapped
 from ..config import ConfigError
 from .base import Family, register
 from .sd import StableDiffusionFamily
@@ -42,15 +42,15 @@ class ControlNetMixin:
     def install_caches(cls, pipe, config, state) -> None:
         super().install_caches(pipe, config, state)
         expected = len(down_layers(pipe.unet))
-        for index, net in enumerate(controlnet_nets(unwrapped(pipe.controlnet))):
+        for index, net in enumerate(controlnet_nets(unwrap_module(pipe.controlnet))):
             if len(down_layers(net)) != expected:
                 raise ConfigError(f"controlnet {index} has {len(down_layers(net))} down layers, the U-Net {expected}: "
                                   "postdiff caches ControlNets whose encoder has the U-Net's layout")
-        install_controlnet_caches(unwrapped(pipe.controlnet), config, state)
+        install_controlnet_caches(unwrap_module(pipe.controlnet), config, state)
 
     def _init_control(self) -> None:
         a = self.args
-        self.controlnet = unwrapped(self.pipe.controlnet)
+        self.controlnet = unwrap_module(self.pipe.controlnet)
         self.multi = hasattr(self.controlnet, "nets")
         nets = len(self.controlnet.nets) if self.multi else 1
         self.control_guidance_start, self.control_guidance_end = _aligned_windows(
