@@ -167,10 +167,18 @@ def _apply(stack: contextlib.ExitStack, pipe, config_name: str, config, argument
 
     if config_name.startswith(EXTERNAL):
         method = ExternalMethod.parse(config_name[len(EXTERNAL):])
-        return stack.enter_context(method.applied(pipe, arguments["num_inference_steps"]))
+        return stack.enter_context(method.applied(pipe, arguments["num_inference_steps"], lambda: _calibration(pipe, arguments)))
     if config is not None:
         stack.enter_context(postdiff.api.applied(pipe, config))
     return lambda seed: None
+
+
+def _calibration(pipe, arguments: dict) -> None:
+    """The call an external method calibrates on (MagCache off FLUX): the timed call's prompt, steps and guidance
+    from seed 0, one image, undecoded."""
+    import torch
+
+    pipe(**{**arguments, "num_images_per_prompt": 1, "output_type": "latent"}, generator=torch.Generator(device="cpu").manual_seed(0))
 
 
 def _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call, macs, whole_call_macs) -> dict:

@@ -36,6 +36,8 @@ CONFIG_FLAGS = {
     "cfg_stop": (Optional[int], typer.Option(None, help="first step without CFG; cross-attention cached from there")),
     "ca_mode": (Optional[str], typer.Option(None, help="cross-attention cache: cond, ave, cfg or none")),
     "switch_noise": (Optional[str], typer.Option(None, help="re-noising at a switch: iid, or block (Pyramid Flow / RALU)")),
+    "low_res_shift": (Optional[str], typer.Option(None, help="rectified flow: the low-resolution phase's sigma schedule, "
+                                                  "full (the requested size's) or own (its own size's)")),
     "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
                                                 "joined by +, e.g. 0.75@0.25; none = two-stage")),
     "controlnet_cache": (Optional[str], typer.Option(None, help="a ControlNet on DeepCache's cached steps: reuse "
@@ -237,6 +239,7 @@ def sweep(
     switch: str = typer.Option("0,0.5", help="comma list"),
     cache_interval: str = typer.Option("1,2", help="comma list"),
     switch_noise: str = typer.Option("iid", help="comma list of switch noises (iid, block), for switches > 0"),
+    low_res_shift: str = typer.Option("full", help="comma list of low-resolution schedules (full, own), for switches > 0"),
     cache_branch: str = typer.Option("1", help="comma list of DeepCache branches, for cache intervals > 1 "
                                      "(1: the paper's DeepCache FLOPs, what the published study measured)"),
     cfg_stop: str = typer.Option("none", help="comma list; none = CFG kept"),
@@ -264,7 +267,8 @@ def sweep(
         points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
                       _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p],
                       progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external,
-                      cache_branches=_values(cache_branch, int), switch_noises=_values(switch_noise, str))
+                      cache_branches=_values(cache_branch, int), switch_noises=_values(switch_noise, str),
+                      low_res_shifts=_values(low_res_shift, str))
         pipe, workload = open_workload(model, prompts, reference, clip_model)
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")

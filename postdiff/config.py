@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 CA_MODES = ("cond", "ave", "cfg", "none")
 SWITCH_NOISES = ("iid", "block")
+LOW_RES_SHIFTS = ("full", "own")
 CONTROLNET_CACHES = ("reuse", "shallow", "full")
 # Fields added after results were first stored: in `to_dict` (the sweep store's key) only when set, so the
 # keys of stored rows stay valid.
-KEYED_WHEN_SET = ("switch_noise", "controlnet_cache")
+KEYED_WHEN_SET = ("switch_noise", "controlnet_cache", "low_res_shift")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
@@ -43,6 +44,11 @@ class PostDiffConfig:
         "block" (Pyramid Flow / RALU-style: its r x r block means are the low-resolution state's own noise, r
         the integer upsampling factor, the rest fresh noise with zero block means; still i.i.d. N(0, 1) per
         element, but continuous with the noise the low-resolution phase was denoising).
+    low_res_shift: the sigma schedule of the lower-resolution phases of a rectified-flow model (SD3, FLUX, the
+        embedded flow model), whose time shift depends on the image size: "full" (the requested size's schedule
+        throughout: the low-resolution steps are the baseline's first ones) or "own" (each phase steps along
+        the schedule of its own size: FLUX's mu from its token count; a static `shift` times the phase's scale,
+        SD3's resolution-dependent shift sqrt(m/n)). Re-entry is at the requested size's sigma either way.
     controlnet_cache: what a ControlNet does on DeepCache's cached steps (`cache_interval` > 1): "reuse" (its
         last full-step residuals, rescaled to the step's conditioning scale; nothing of it runs), "shallow" (its
         modules that feed only cached U-Net layers reuse their last full-step output, the rest runs: the
@@ -59,6 +65,7 @@ class PostDiffConfig:
     progressive: tuple[tuple[float, float], ...] = ()
     switch_noise: str = "iid"
     controlnet_cache: str = "reuse"
+    low_res_shift: str = "full"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")
@@ -74,6 +81,7 @@ class PostDiffConfig:
         _check(self.switch_noise in SWITCH_NOISES, "switch_noise", self.switch_noise, f"one of {', '.join(SWITCH_NOISES)}")
         _check(self.controlnet_cache in CONTROLNET_CACHES, "controlnet_cache", self.controlnet_cache,
                f"one of {', '.join(CONTROLNET_CACHES)}")
+        _check(self.low_res_shift in LOW_RES_SHIFTS, "low_res_shift", self.low_res_shift, f"one of {', '.join(LOW_RES_SHIFTS)}")
         if self.switch > 0 and self.beta == 1:
             raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
 

@@ -4,7 +4,9 @@ Mixed resolution is img2img in disguise: at the end of a low-resolution phase th
 last step (the scheduler's own where it gives one, else computed from the pre-step noise level: see
 schedulers.py) is upsampled bilinearly, re-noised to the next timestep with the scheduler's own
 `add_noise`, and denoising continues from that index with a fresh copy of the scheduler (multistep
-history of the old shape is dropped, as img2img starts afresh).
+history of the old shape is dropped, as img2img starts afresh). With `low_res_shift="own"` (rectified
+flow) a lower-resolution phase steps along the schedule of its own size on a scheduler of its own, and the
+next phase re-enters at the call's schedule as always.
 
 Interrupting (`pipe._interrupt`, set from `callback_on_step_end`) stops the loop as the pipeline's does
 and decodes what there is; a call stopped in a low-resolution phase has its latents upsampled to the
@@ -21,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .caching.state import RunState
 from .compiling import check_recompile_limit
-from .config import PostDiffConfig
+from .config import ConfigError, PostDiffConfig
 from .families.base import Family
 from .plan import Phase, StepPlan, make_plan
 from .schedulers import check_scheduler
@@ -69,8 +71,26 @@ class Sampler:
         facts = self.family.facts(self.family.latent_hw)
         plan = make_plan(self.config, len(self.timesteps), facts, do_cfg=self.family.do_cfg)
         self.family.check_plan(plan)
+        self.schedules = self.phase_schedules(plan)
         check_recompile_limit(getattr(self.pipe, self.family.denoiser_attribute), plan, self.family.cfg_passes)
         return plan
+
+    def phase_schedules(self, plan: StepPlan) -> list[tuple[object, torch.Tensor]]:
+        """A (scheduler, timesteps) per phase: the call's own, or with `low_res_shift="own"` a fresh scheduler on
+        the schedule of each lower-resolution phase's size (refused, before any compute, where the family's
+        schedule does not depend on the size)."""
+        shared = [(None, self.timesteps)] * len(plan.phases)
+        if self.config.low_res_shift != "own" or len(plan.phases) == 1:
+            return shared
+        schedules = []
+        for phase in plan.phases[:-1]:
+            own = self.family.own_schedule(phase.latent_hw)
+            if own is None:
+                raise ConfigError(f"low_res_shift='own' needs a sigma schedule that depends on the image size (a "
+                                  f"flow-matching scheduler with a time shift); {type(self.pipe).__name__} with "
+                                  f"{type(self.pipe.scheduler).__name__} has none: use low_res_shift='full'")
+            schedules.append(own)
+        return schedules + shared[-1:]
 
     def __call__(self):
         plan = self.prepare()
@@ -87,7 +107,7 @@ class Sampler:
         finally:
             state.reset()
 
-    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase) -> torch.Tensor:
+    def renoise(self, scheduler, x0: torch.Tensor, phase: Phase, timesteps: torch.Tensor) -> torch.Tensor:
         """Upsample x0 to the phase's size and diffuse it forward to the phase's first timestep, with fresh noise
         from the call's generator (block noise: around the low-resolution state's own), by the scheduler's own
         forward process."""
@@ -98,7 +118,7 @@ class Sampler:
             noise = block_noise(noise, self.low_noise)
         if hasattr(scheduler, "set_begin_index"):  # an index into the scheduler's own timesteps
             scheduler.set_begin_index(self.family.begin_offset + phase.timestep_start)
-        t = self.timesteps[phase.timestep_start : phase.timestep_start + 1]
+        t = timesteps[phase.timestep_start : phase.timestep_start + 1]
         self.family.begin_phase(phase.latent_hw, noise)
         return self.traits.forward_diffuse(scheduler, upsampled, noise, t)
 
@@ -110,13 +130,17 @@ class Sampler:
         pristine = copy.deepcopy(scheduler) if len(plan.phases) > 1 else None
         x0 = None
         for phase_index, phase in enumerate(plan.phases):
-            if phase_index > 0:
+            own_scheduler, schedule = self.schedules[phase_index]
+            if own_scheduler is not None:
+                scheduler = own_scheduler
+            elif phase_index > 0:
                 scheduler = copy.deepcopy(pristine)
-                latents = self.renoise(scheduler, x0, phase)
+            if phase_index > 0:
+                latents = self.renoise(scheduler, x0, phase, schedule)
             steps = plan.steps[phase.first_step : phase.first_step + phase.num_steps]
             last_phase = phase_index == len(plan.phases) - 1
-            timesteps = phase_timesteps(self.timesteps, phase)
-            following = [*timesteps[1:], None if last_phase else self.timesteps[plan.phases[phase_index + 1].timestep_start]]
+            timesteps = phase_timesteps(schedule, phase)
+            following = [*timesteps[1:], None if last_phase else self.next_phase_timestep(plan, phase_index)]
             for step, t, next_t in zip(steps, timesteps, following):
                 if self.interrupted():
                     return latents
@@ -124,6 +148,10 @@ class Sampler:
                 latents, x0 = self.run_step(scheduler, step, t, latents, phase.scale, keep_x0, next_t)
                 progress.update()
         return latents
+
+    def next_phase_timestep(self, plan: StepPlan, phase_index: int):
+        _, schedule = self.schedules[phase_index + 1]
+        return schedule[plan.phases[phase_index + 1].timestep_start]
 
     def run_step(self, scheduler, step, t, latents, scale: float, keep_x0: bool, next_t=None):
         state, family = self.state, self.family

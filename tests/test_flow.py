@@ -15,6 +15,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from test_accounting import PerCallFlops
 from tiny import t5_tokenizer, text_encoder, tokenizer
@@ -317,14 +318,15 @@ def test_bad_settings_are_refused_before_any_compute(model_dir, name, config, ar
 def test_diffusers_caches_run_as_external_methods_with_measured_macs(model_dir, name, spec):
     from postdiff.evaluation.baselines import ExternalMethod, measured_denoiser_macs
 
-    if spec.startswith("magcache") and name == "sd3":
-        pytest.skip("MagCache needs model ratios; diffusers publishes FLUX's only")
     pipe = BUILDERS[name](model_dir)
     arguments = dict(prompt="a photo of a sneaker", num_inference_steps=8, height=32, width=32, max_sequence_length=16)
     baseline_macs = measured_denoiser_macs(pipe, **arguments)
     baseline = call(pipe)
     method = ExternalMethod.parse(spec)
-    with method.applied(pipe, 8) as before_call:
+    calibrations = []
+    with method.applied(pipe, 8, calibration_call=lambda: calibrations.append(call(pipe))) as before_call:
+        # MagCache calibrates SD3's ratios on the one call; FLUX's are diffusers' published ones.
+        assert len(calibrations) == (spec.startswith("magcache") and name == "sd3")
         before_call(0)
         cached_macs = measured_denoiser_macs(pipe, **arguments)
         before_call(0)
@@ -335,6 +337,90 @@ def test_diffusers_caches_run_as_external_methods_with_measured_macs(model_dir, 
     assert not np.array_equal(first, baseline)
     assert np.array_equal(call(pipe), baseline)  # removed without a trace
     assert not any("_diffusers_hook" in m.__dict__ and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+
+
+def _residual_ratios(pipe, run) -> list[float]:
+    """MagCache's ratios computed here: the image stream's residual across all blocks (the last block's output
+    minus the first block's input) at each step; the mean over tokens of |res_t| / |res_t-1|, 1 at step 0."""
+    blocks = pipe.transformer.transformer_blocks
+    inputs, residuals = [], []
+    handles = [blocks[0].register_forward_pre_hook(lambda m, a, k: inputs.append(k["hidden_states"]), with_kwargs=True),
+               blocks[-1].register_forward_hook(lambda m, a, output: residuals.append(output[1] - inputs[-1]))]
+    run()
+    for handle in handles:
+        handle.remove()
+    norms = [residual.float().norm(dim=-1) for residual in residuals]
+    return [1.0] + [(now / (before + 1e-8)).mean().item() for before, now in zip(norms, norms[1:])]
+
+
+def test_magcache_calibrates_sd3_to_the_residual_ratios_computed_independently(model_dir):
+    import logging
+
+    from postdiff.evaluation.baselines import calibrated_mag_ratios
+
+    pipe = sd3_pipeline(model_dir)
+    run = lambda: call(pipe, seed=4, output_type="latent")  # noqa: E731
+    expected = _residual_ratios(pipe, run)
+    logger = logging.getLogger("diffusers.hooks.mag_cache")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    ratios = calibrated_mag_ratios(pipe.transformer, 8, run)
+    assert len(expected) == 8 and max(abs(r - 1) for r in expected) > 0.01  # not trivially all ones
+    torch.testing.assert_close(ratios, torch.tensor(expected), rtol=0, atol=1e-5)
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+    assert type(pipe.transformer) is SD3Transformer2DModel and not pipe.transformer._diffusers_hook.hooks
+    assert not any(m._diffusers_hook.hooks for m in pipe.transformer.modules() if "_diffusers_hook" in m.__dict__)
+
+
+def test_magcache_on_sd3_skips_steps_and_repeats_a_seeded_call_exactly(model_dir):
+    from postdiff.evaluation.baselines import ExternalMethod
+
+    pipe = sd3_pipeline(model_dir)
+    calls, handles = _block_recorder(pipe)
+    call(pipe)
+    assert [len(ran) for ran in calls] == 8 * [NUM_BLOCKS]  # without the cache
+    method = ExternalMethod.parse("magcache:threshold=10,max_skip=2")  # retention 0.2: 2 of 8 steps never skipped
+    with method.applied(pipe, 8, calibration_call=lambda: call(pipe, output_type="latent")) as before_call:
+        del calls[:]  # the plain call and the calibration call
+        before_call(0)
+        first = call(pipe)
+        before_call(0)
+        second = call(pipe)
+    for handle in handles:
+        handle.remove()
+    computed = [0, 1, 4, 7]  # after 2 skipped steps (max_skip) the next is computed; the threshold never binds
+    assert [len(ran) for ran in calls] == 2 * [NUM_BLOCKS if step in computed else 0 for step in range(8)]
+    assert np.array_equal(first, second)
+
+
+def test_magcache_off_flux_without_a_calibration_call_is_refused_before_any_compute(model_dir):
+    from postdiff.evaluation.baselines import ExternalMethod
+
+    pipe = sd3_pipeline(model_dir)
+    calls = []
+    for module in (pipe.transformer, pipe.text_encoder):
+        module.register_forward_pre_hook(lambda m, a: calls.append(m))
+    with pytest.raises(ConfigError, match="magcache on SD3Transformer2DModel: .* pass calibration_call"):
+        with ExternalMethod.parse("magcache:threshold=0.5").applied(pipe, 8):
+            pass
+    assert calls == [] and type(pipe.transformer) is SD3Transformer2DModel
+
+
+def test_the_sweep_calibrates_magcache_on_the_workloads_first_prompt_from_seed_0(model_dir, monkeypatch):
+    from postdiff.evaluation.sweep import SweepPoint
+    from postdiff.evaluation.workloads import Workload
+
+    workload = Workload()
+    workload.prompts = ["a bag", "a coat"]
+    workload.call_arguments = dict(negative_prompt="", height=32, width=32, max_sequence_length=16)
+    pipe = sd3_pipeline(model_dir)
+    seen, original = [], StableDiffusion3Pipeline.__call__
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", lambda self, *a, **k: seen.append((a, k)) or original(self, *a, **k))
+    with SweepPoint(PostDiffConfig(), 6, "magcache:threshold=0.5").applied(pipe, workload, 4.0):
+        pass
+    (args, keywords), = seen
+    assert keywords.pop("generator").initial_seed() == 0
+    assert args == ("a bag",) and keywords == dict(num_inference_steps=6, guidance_scale=4.0, output_type="latent",
+                                                    **workload.call_arguments)
 
 
 def test_block_noise_keeps_the_low_resolution_noise_in_its_block_means():
@@ -373,3 +459,80 @@ def test_block_switch_noise_needs_whole_factors_and_new_fields_leave_stored_keys
         PostDiffConfig(switch_noise="pink")
     assert "switch_noise" not in PostDiffConfig(beta=0.5, switch=0.5).to_dict()  # the sweep store's keys stay valid
     assert PostDiffConfig(beta=0.5, switch=0.5, switch_noise="block").to_dict()["switch_noise"] == "block"
+
+
+def _timesteps_seen(pipe) -> tuple[list, torch.utils.hooks.RemovableHandle]:
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
+    return seen, handle
+
+
+def test_sd3_own_low_resolution_shift_steps_its_own_schedule_and_reenters_at_the_full_one(model_dir):
+    """low_res_shift="own", static shift 3 at beta 1/2: the low phase steps along shift 1.5's sigmas (SD3's
+    resolution-dependent shift, times the linear scale), its x0 is re-noised at the full schedule's next sigma."""
+    pipe = postdiff.apply(sd3_pipeline(model_dir, with_t5=False), PostDiffConfig(beta=0.5, switch=0.5, low_res_shift="own"))
+    seen, handle = _timesteps_seen(pipe)
+    call(pipe, seed=3)
+    handle.remove()
+
+    postdiff.remove(pipe)
+    generator = torch.Generator().manual_seed(3)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a sneaker", None, None, negative_prompt="",
+                                                                    max_sequence_length=16)
+    low = FlowMatchEulerDiscreteScheduler(shift=1.5)
+    low.set_timesteps(8)
+    full = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    full.set_timesteps(8)
+    latents = randn_tensor((1, 4, 8, 8), generator=generator)
+    with torch.no_grad():
+        for index, t in enumerate(low.timesteps[:4]):
+            output = pipe.transformer(hidden_states=torch.cat([latents] * 2), timestep=t.expand(2),
+                                      encoder_hidden_states=torch.cat([negative, embeds]),
+                                      pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)[0]
+            uncond, cond = output.chunk(2)
+            velocity = uncond + 5.0 * (cond - uncond)
+            x0 = latents - low.sigmas[index] * velocity
+            latents = low.step(velocity, t, latents).prev_sample
+    noise = randn_tensor((1, 4, 16, 16), generator=generator)
+    upsampled = F.interpolate(x0, size=(16, 16), mode="bilinear", align_corners=False)
+    expected = (1 - full.sigmas[4]) * upsampled + full.sigmas[4] * noise
+    assert [float(k["timestep"][0]) for k in seen] == [float(t) for t in [*low.timesteps[:4], *full.timesteps[4:]]]
+    assert not torch.equal(low.timesteps[:4], full.timesteps[:4])
+    torch.testing.assert_close(seen[4]["hidden_states"][1:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_own_low_resolution_shift_takes_mu_from_the_low_resolution_token_count(model_dir):
+    pipe = postdiff.apply(flux_pipeline(model_dir), PostDiffConfig(beta=0.5, switch=0.5, low_res_shift="own"))
+    seen, handle = _timesteps_seen(pipe)
+    call(pipe, seed=2)
+    handle.remove()
+    expected = []
+    for tokens in (16, 64):  # 8x8 then 16x16 latents, packed 2x2
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=mu)
+        expected.append(scheduler.timesteps / 1000)  # FLUX feeds timestep / 1000
+    low, full = expected
+    assert not torch.equal(low, full)
+    torch.testing.assert_close(torch.cat([k["timestep"] for k in seen]), torch.cat([low[:4], full[4:]]))
+
+
+def test_own_low_resolution_shift_changes_nothing_without_a_switch_and_is_refused_without_a_size_dependent_schedule(model_dir):
+    from tiny import sd_pipeline
+
+    pipe = sd3_pipeline(model_dir, with_t5=False)
+    off = call(pipe)
+    assert np.array_equal(call(postdiff.apply(pipe, PostDiffConfig(low_res_shift="own"))), off)
+    assert np.array_equal(call(postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5, low_res_shift="full"))),
+                          call(postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5))))
+    assert "low_res_shift" not in PostDiffConfig(beta=0.5, switch=0.5).to_dict()  # the sweep store's keys stay valid
+    with pytest.raises(ConfigError, match="low_res_shift='sideways' is not allowed"):
+        PostDiffConfig(low_res_shift="sideways")
+    unet = postdiff.apply(sd_pipeline(model_dir), PostDiffConfig(beta=0.5, switch=0.5, low_res_shift="own"))
+    calls = []
+    unet.unet.register_forward_pre_hook(lambda m, a: calls.append(m))
+    with pytest.raises(ConfigError, match="low_res_shift='own' needs a sigma schedule that depends on the image size.*"
+                                          "StableDiffusionPipeline with DDIMScheduler has none"):
+        unet("a photo of a sneaker", num_inference_steps=4, height=32, width=32)
+    assert calls == []

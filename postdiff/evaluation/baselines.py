@@ -9,10 +9,13 @@ A method is named by a short spec, "name:key=value,key=value":
   (`cache_interval`, `cache_branch_id`: the same numbering as postdiff's `cache_branch`; branch 0 when not given).
 - "first-block-cache:threshold=0.05", "taylorseer:interval=5,order=1,warmup=3",
   "magcache:threshold=0.06,max_skip=3,retention=0.2" - diffusers' own caches for transformers
-  (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`; MagCache with diffusers' published
-  FLUX ratios, so FLUX only), enabled through diffusers' `CacheMixin`. SD3's transformer has their blocks
-  but not the mixin (and its pipeline sets no cache context), so it gets the mixin as a subclass and the
-  conditional context for the method's duration. Their state is reset before every call.
+  (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`, `MagCacheConfig`), enabled through diffusers' `CacheMixin`.
+  SD3's transformer has their blocks but not the mixin (and its pipeline sets no cache context), so it gets
+  the mixin as a subclass and the conditional context for the method's duration. Their state is reset before
+  every call. MagCache needs the model's magnitude ratios: FLUX uses diffusers' published ones; any other
+  transformer is calibrated with diffusers' own calibration mode on one call of the workload's first prompt
+  (seed 0) at the same step count and guidance, made by the caller (`calibration_call`) when the method is
+  applied; that call is counted in neither the MACs nor the quality.
 
 The cost of a method postdiff does not plan is measured: one real 1-image call under torch's FLOP counter,
 keeping the denoiser's own count (same "macs" convention as the plan-based accounting; tested equal to it
@@ -21,8 +24,11 @@ on PostDiff's own configurations).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import io
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +77,14 @@ class ExternalMethod:
         return f"{self.name}:" + ",".join(f"{key}={value}" for key, value in self.arguments)
 
     @contextlib.contextmanager
-    def applied(self, pipe, num_inference_steps: int = 28):
-        """The method patched onto `pipe` for the duration; yields a callable to run before each seeded call."""
+    def applied(self, pipe, num_inference_steps: int = 28, calibration_call=None):
+        """The method patched onto `pipe` for the duration; yields a callable to run before each seeded call.
+
+        `calibration_call`: a zero-argument callable running `pipe` once at `num_inference_steps`; MagCache
+        calls it (before patching) to measure the ratios of a transformer other than FLUX's."""
         arguments = dict(self.arguments)
+        if self.name == "magcache":  # the ratios travel with the arguments, so every cache keeps one factory
+            arguments["ratios"] = mag_ratios(pipe.transformer, num_inference_steps, calibration_call)
         if self.name in DIFFUSERS_CACHES:
             with diffusers_cache(pipe.transformer, DIFFUSERS_CACHES[self.name](arguments, num_inference_steps)) as reset:
                 yield lambda seed: reset()
@@ -113,14 +124,78 @@ def _taylorseer(arguments: dict, steps: int):
 
 def _magcache(arguments: dict, steps: int):
     from diffusers.hooks import MagCacheConfig
-    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
     return MagCacheConfig(threshold=arguments["threshold"], max_skip_steps=int(arguments.get("max_skip", 3)),
                           retention_ratio=arguments.get("retention", 0.2), num_inference_steps=steps,
-                          mag_ratios=FLUX_MAG_RATIOS)
+                          mag_ratios=arguments["ratios"])
 
 
 DIFFUSERS_CACHES = {"first-block-cache": _first_block_cache, "taylorseer": _taylorseer, "magcache": _magcache}
+
+
+def mag_ratios(transformer, steps: int, calibration_call=None) -> torch.Tensor:
+    """MagCache's ratios for `transformer`: diffusers' published ones for FLUX (MagCache's own, measured on
+    FLUX.1-dev), else measured by `calibration_call`, which must be given (refused before any compute)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    if isinstance(transformer, FluxTransformer2DModel):
+        return FLUX_MAG_RATIOS
+    if calibration_call is None:
+        raise ConfigError(f"magcache on {type(transformer).__name__}: diffusers publishes magnitude ratios for FLUX "
+                          "only, so they are calibrated on one call of the pipeline; pass calibration_call (a callable "
+                          "running the pipeline once at the method's step count)")
+    return calibrated_mag_ratios(transformer, steps, calibration_call)
+
+
+def calibrated_mag_ratios(transformer, steps: int, calibration_call) -> torch.Tensor:
+    """The ratios diffusers' MagCache calibration mode measures on `calibration_call` (nothing skipped). Its
+    hooks and state are gone on return, so the real MagCache starts clean."""
+    from diffusers.hooks import MagCacheConfig
+
+    config = MagCacheConfig(calibrate=True, num_inference_steps=steps)
+    with diffusers_cache(transformer, config), _logged_calibrations() as results, \
+            contextlib.redirect_stdout(io.StringIO()):  # diffusers also prints them, for copying by hand
+        calibration_call()
+    if not results:
+        raise RuntimeError(f"MagCache calibration reported no ratios: the calibration call must run the transformer "
+                           f"once per step, {steps} steps (the method's step count)")
+    # A pipeline running its CFG passes in cache contexts of their own reports once per context: the first is
+    # the conditional pass's.
+    return torch.tensor(results[0])
+
+
+CALIBRATION_MESSAGE = "MagCache Calibration Results: "
+
+
+@contextlib.contextmanager
+def _logged_calibrations():
+    """The ratio lists diffusers' MagCache calibration logs while open. They are read from its logger (INFO, for
+    the duration), not from the hooks' private state; kept off diffusers' own handler, which would print them."""
+    logger = logging.getLogger("diffusers.hooks.mag_cache")
+    results: list[list[float]] = []
+    handler = _CalibrationHandler(results)
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield results
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+class _CalibrationHandler(logging.Handler):
+    def __init__(self, results: list):
+        super().__init__(logging.INFO)
+        self.results = results
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(CALIBRATION_MESSAGE):  # the list's repr: a Python literal
+            self.results.append([float(r) for r in ast.literal_eval(message[len(CALIBRATION_MESSAGE):])])
 
 
 @contextlib.contextmanager

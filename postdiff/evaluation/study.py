@@ -166,9 +166,9 @@ def sample_grid(pipe, point: SweepPoint, guidance_scale: float, per_row: int, pa
     """One row per class, `per_row` images each, 2x nearest upscale (the embedded model's 32 px images)."""
     from PIL import Image
 
-    from .workloads import generate_per_class
+    from .workloads import FashionClasses, generate_per_class
 
-    with point.applied(pipe) as before_call:
+    with point.applied(pipe, FashionClasses(), guidance_scale) as before_call:
         images, _ = generate_per_class(pipe, per_row, point.steps, guidance_scale, seed, before_call=before_call)
     tiles = (images[..., 0] * 255).round().astype(np.uint8).reshape(10, per_row, 32, 32)
     grid = tiles.transpose(0, 2, 1, 3).reshape(10 * 32, per_row * 32)

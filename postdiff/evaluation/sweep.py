@@ -43,14 +43,24 @@ class SweepPoint:
         return f"{self.steps} steps, {self.external or self.config.describe()}"
 
     @contextlib.contextmanager
-    def applied(self, pipe):
-        """PostDiff's config, or the external method, on `pipe`; yields a callable run before each seeded call."""
+    def applied(self, pipe, workload: Workload | None = None, guidance_scale: float | None = None):
+        """PostDiff's config, or the external method, on `pipe`; yields a callable run before each seeded call.
+        An external method that calibrates (MagCache off FLUX) needs the `workload` and `guidance_scale` of the
+        calls it will make."""
         if self.external:
-            with ExternalMethod.parse(self.external).applied(pipe, self.steps) as before_call:
+            calibration = calibration_call(pipe, workload, self.steps, guidance_scale) if workload is not None else None
+            with ExternalMethod.parse(self.external).applied(pipe, self.steps, calibration) as before_call:
                 yield before_call
             return
         with api.applied(pipe, self.config):
             yield lambda seed: None
+
+
+def calibration_call(pipe, workload: Workload, steps: int, guidance_scale: float):
+    """One call as the sweep makes them (the workload's first prompt, seed 0, the point's steps and guidance) but
+    of one image and undecoded: only the denoiser's run matters to a calibration."""
+    return lambda: pipe(workload.prompts[0], num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
+                        generator=torch.Generator().manual_seed(0), **workload.call_arguments)
 
 
 @dataclass(frozen=True)
@@ -81,20 +91,22 @@ def point_key(point: SweepPoint, context: SweepContext) -> str:
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
          presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,),
-         switch_noises=("iid",)) -> list[SweepPoint]:
+         switch_noises=("iid",), low_res_shifts=("full",)) -> list[SweepPoint]:
     """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
     switch) left out and duplicates merged; presets and external methods are added at every step count.
 
     `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
-    use and the one the published study measured. Likewise `switch_noises` apply to configs with a switch."""
+    use and the one the published study measured. Likewise `switch_noises` and `low_res_shifts` apply to configs
+    with a switch."""
     points = []
-    for n, beta, switch, interval, branch, stop, mode, stages, noise in itertools.product(
-            steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives, switch_noises):
+    for n, beta, switch, interval, branch, stop, mode, stages, noise, shift in itertools.product(
+            steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives, switch_noises,
+            low_res_shifts):
         if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch):
             continue
         caching = {"cache_interval": interval, "cache_branch": branch} if interval > 1 else {}
-        noise = {"switch_noise": noise} if switch > 0 else {}
+        noise = {"switch_noise": noise, "low_res_shift": shift} if switch > 0 else {}
         config = PostDiffConfig(beta=beta, switch=switch, cfg_stop=stop, ca_mode=mode, progressive=stages, **caching, **noise)
         points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
@@ -141,7 +153,7 @@ def score_point(pipe, workload: Workload, point: SweepPoint, context: SweepConte
     """Generate this process's share of the prompts; on the main process gather, score and return the row."""
     from accelerate.utils import gather_object
 
-    with point.applied(pipe) as before_call:
+    with point.applied(pipe, workload, context.guidance_scale) as before_call:
         macs = applied_point_macs(pipe, point, context.guidance_scale, workload)
         started = time.perf_counter()
         with state.split_between_processes(list(context.classes)) as my_prompts:
@@ -161,7 +173,7 @@ def score_point(pipe, workload: Workload, point: SweepPoint, context: SweepConte
 
 
 def point_macs(pipe, point: SweepPoint, guidance_scale: float, workload: Workload) -> float:
-    with point.applied(pipe):
+    with point.applied(pipe, workload, guidance_scale):
         return applied_point_macs(pipe, point, guidance_scale, workload)
 
 

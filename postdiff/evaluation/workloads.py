@@ -66,10 +66,16 @@ class FashionClasses(Workload):
     call_arguments = {"negative_prompt": ""}
 
     def __init__(self, evaluator=None):
-        from ..testbed.evaluator import load_evaluator
-
-        self.evaluator = evaluator or load_evaluator()
+        self._evaluator = evaluator  # loaded when first scored: drawing samples needs only the prompts
         self.prompts = [canonical_prompt(label) for label in range(10)]
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from ..testbed.evaluator import load_evaluator
+
+            self._evaluator = load_evaluator()
+        return self._evaluator
 
     def score(self, images, prompt_indices) -> dict:
         return {"fd": self.evaluator.frechet_distance(images), "alignment": self.evaluator.alignment(images, prompt_indices)}

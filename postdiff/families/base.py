@@ -86,6 +86,11 @@ class Family:
     def timesteps(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def own_schedule(self, latent_hw: tuple[int, int]):
+        """(scheduler, timesteps): a fresh scheduler set to the schedule of an image of `latent_hw`, for
+        `low_res_shift="own"`; None where the schedule does not depend on the image size."""
+        return None
+
     def check_plan(self, plan) -> None:
         """Refuse, before any compute, what this call's inputs cannot do under `plan` (a StepPlan)."""
 

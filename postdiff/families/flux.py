@@ -13,9 +13,10 @@ as the pipeline calls it, so "off" reproduces `FluxPipeline.__call__` bit for bi
   per-step operation is elementwise, so this changes no number. Callbacks see packed latents, as in the
   pipeline, and `output_type="latent"` returns them packed.
 - **Low resolution.** The RoPE image ids are those of the low-resolution token grid (positions 0..h/2 - 1),
-  what FLUX sees for an image of that size. The whole call runs on one sigma schedule, the pipeline's for
-  the requested size (mu from the full-resolution token count), so the switch re-enters at the baseline's
-  next sigma.
+  what FLUX sees for an image of that size. By default the whole call runs on one sigma schedule, the
+  pipeline's for the requested size (mu from the full-resolution token count), so the switch re-enters at
+  the baseline's next sigma; `low_res_shift="own"` runs a low-resolution phase on the schedule the pipeline
+  gives an image of its size (mu from its token count), and re-enters at the baseline's next sigma.
 """
 
 from __future__ import annotations
@@ -89,18 +90,27 @@ class FluxFamily(Family):
         return (2 * (int(self.height) // factor), 2 * (int(self.width) // factor))
 
     def timesteps(self) -> torch.Tensor:
-        pipe, a = self.pipe, self.args
-        steps, config = a["num_inference_steps"], pipe.scheduler.config
+        timesteps = self.set_schedule(self.pipe.scheduler, self.latent_hw)
+        self.pipe._num_timesteps = len(timesteps)
+        return timesteps
+
+    def own_schedule(self, latent_hw: tuple[int, int]):
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        return scheduler, self.set_schedule(scheduler, latent_hw)
+
+    def set_schedule(self, scheduler, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The pipeline's schedule for an image of `latent_hw`: mu from its token count (2x2 packed)."""
+        a = self.args
+        steps, config = a["num_inference_steps"], scheduler.config
         sigmas = np.linspace(1.0, 1 / steps, steps) if a["sigmas"] is None else a["sigmas"]
         if hasattr(config, "use_flow_sigmas") and config.use_flow_sigmas:
             sigmas = None
-        height, width = self.latent_hw
+        height, width = latent_hw
         mu = calculate_shift((height // 2) * (width // 2), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
-        pipe._num_timesteps = len(timesteps)
-        pipe.scheduler.set_begin_index(0)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
         return timesteps
 
     # -- compute

@@ -7,9 +7,10 @@ reproduces `StableDiffusion3Pipeline.__call__` bit for bit.
 
 Low resolution: SD3's patch embedding crops its position-embedding table at the centre for a smaller
 token grid (`pos_embed_max_size`), as SD3 does for any image below its largest size, so a low-resolution
-phase sees the centre of the table. The whole call runs on one sigma schedule, the one of the requested
-size (SD3's static `shift`; with `use_dynamic_shifting`, mu from the full-resolution token count), so the
-low-resolution steps are the baseline's first steps and the switch re-enters at the baseline's next sigma.
+phase sees the centre of the table. By default the whole call runs on one sigma schedule, the one of the
+requested size (SD3's static `shift`; with `use_dynamic_shifting`, mu from the full-resolution token count),
+so the low-resolution steps are the baseline's first steps and the switch re-enters at the baseline's next
+sigma; `low_res_shift="own"` runs a low-resolution phase on its own size's schedule (`own_schedule`).
 """
 
 from __future__ import annotations
@@ -59,17 +60,37 @@ class StableDiffusion3Family(Family):
 
     def timesteps(self) -> torch.Tensor:
         """The pipeline's schedule for the requested size (its `mu` when the scheduler shifts dynamically)."""
-        pipe, a = self.pipe, self.args
-        config, mu = pipe.scheduler.config, a["mu"]
-        if config.get("use_dynamic_shifting", None) and mu is None:
-            height, width = self.latent_hw
-            patch = pipe.transformer.config.patch_size
-            mu = calculate_shift((height // patch) * (width // patch), config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))
-        timesteps, _ = retrieve_timesteps(pipe.scheduler, a["num_inference_steps"], self.device, sigmas=a["sigmas"],
-                                          **({"mu": mu} if mu is not None else {}))
+        pipe = self.pipe
+        mu = self.args["mu"]
+        if pipe.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+            mu = self.shift_mu(self.latent_hw)
+        timesteps = self.set_schedule(pipe.scheduler, mu)
         pipe._num_timesteps = len(timesteps)
+        return timesteps
+
+    def own_schedule(self, latent_hw: tuple[int, int]):
+        """A fresh scheduler on the schedule of an image of `latent_hw`, and its timesteps. Dynamic shifting: mu
+        from that size's token count, as the pipeline computes it. A static shift: the configured shift times the
+        linear scale to the requested size (SD3's resolution-dependent shift, the square root of the ratio of
+        pixel counts), in a scheduler built with that shift as a user would configure it."""
+        config = self.pipe.scheduler.config
+        if "shift" not in config:
+            return None
+        if config.get("use_dynamic_shifting", None):
+            scheduler = type(self.pipe.scheduler).from_config(config)
+            return scheduler, self.set_schedule(scheduler, self.shift_mu(latent_hw))
+        scheduler = type(self.pipe.scheduler).from_config(config, shift=config.shift * latent_hw[0] / self.latent_hw[0])
+        return scheduler, self.set_schedule(scheduler, None)
+
+    def shift_mu(self, latent_hw: tuple[int, int]) -> float:
+        config, patch = self.pipe.scheduler.config, self.pipe.transformer.config.patch_size
+        return calculate_shift((latent_hw[0] // patch) * (latent_hw[1] // patch), config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", 1.16))
+
+    def set_schedule(self, scheduler, mu: float | None) -> torch.Tensor:
+        timesteps, _ = retrieve_timesteps(scheduler, self.args["num_inference_steps"], self.device, sigmas=self.args["sigmas"],
+                                          **({"mu": mu} if mu is not None else {}))
         return timesteps
 
     # -- compute
