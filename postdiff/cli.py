@@ -316,7 +316,8 @@ def calibrate(
     calibration_set = "calibration" if isinstance(workload, FashionClasses) else f"{workload.name} (calibration)"
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
-        result = run_calibration(pipe, workload, SweepStore(store), budget_macs, default_candidates(max_steps),
+        candidates = default_candidates(max_steps, cache_branch=0 if hasattr(pipe, "transformer") else 1)
+        result = run_calibration(pipe, workload, SweepStore(store), budget_macs, candidates,
                                  calibration, full, progress, min_alignment)
     print(json.dumps(result, indent=1, default=str))
 

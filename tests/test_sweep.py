@@ -41,6 +41,27 @@ def test_grid_adds_progressive_schedules_only_after_a_switch_and_externals_at_ev
     assert len(points) == 2 * 3 + 2
 
 
+def test_grid_gives_low_resolution_shifts_and_switch_noises_only_to_configs_with_a_switch():
+    points = grid([8], betas=[1.0, 0.5], switches=[0, 0.5], switch_noises=["iid", "block"], low_res_shifts=["full", "own"])
+    assert [p.config for p in points] == [PostDiffConfig()] + [
+        PostDiffConfig(beta=0.5, switch=0.5, switch_noise=noise, low_res_shift=shift)
+        for noise in ("iid", "block") for shift in ("full", "own")]
+
+
+def test_cache_mode_table_puts_the_modes_of_one_cfg_stop_side_by_side_with_the_config_without_it():
+    from postdiff.evaluation.study import ca_ablation_table
+
+    def row(fd, **config):
+        config = PostDiffConfig(**config)
+        return {"config": config.to_dict(), "steps": 20, "describe": f"20 steps, {config.describe()}", "fd": fd,
+                "alignment": 0.9, "macs": 1e9 * fd}
+
+    rows = [row(1.0), row(2.0, cfg_stop=10), row(3.0, cfg_stop=10, ca_mode="none"), row(4.0, cfg_stop=5)]
+    table = ca_ablation_table(rows).splitlines()
+    assert table[0].split(" | ")[2:6] == ["cond", "ave", "cfg", "none (CFG stop alone)"]
+    assert table[2:] == ["| 20 steps, off | 10 | 2.00 / 0.900 |  |  | 3.00 / 0.900 | 2.00 | 1.00 / 0.900 (1.00 GMACs) |"]
+
+
 def test_grid_gives_deepcache_configs_the_branch_axis_and_leaves_the_others_at_the_default():
     points = grid([8], cache_intervals=[1, 2], cache_branches=[0, 2])
     assert [p.config for p in points] == [PostDiffConfig(), PostDiffConfig(cache_interval=2, cache_branch=0),

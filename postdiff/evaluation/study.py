@@ -16,11 +16,12 @@ from ..testbed.text import canonical_prompt
 from .sweep import SweepContext, SweepPoint, SweepStore, grid, point_macs, run_sweep
 
 
-def default_candidates(max_steps: int = 20) -> list[SweepPoint]:
-    """Fewer steps, and cheaper steps at the full step count: mixed resolution, DeepCache, CFG stop."""
+def default_candidates(max_steps: int = 20, cache_branch: int = 1) -> list[SweepPoint]:
+    """Fewer steps, and cheaper steps at the full step count and at 3/4 of it: mixed resolution, block caching
+    (`cache_branch`: 1 on U-Nets, the published study's; 0 on transformers, the presets'), CFG stop."""
     fewer = grid(list(range(4, max_steps + 1, 2)))
     cheaper = grid([max_steps, max_steps * 3 // 4], betas=[1.0, 0.5], switches=[0, 0.25, 0.5], cache_intervals=[1, 2, 3],
-                   cache_branches=[1], cfg_stops=[None, max_steps // 4, max_steps // 2])  # branch 1: the published study's
+                   cache_branches=[cache_branch], cfg_stops=[None, max_steps // 4, max_steps // 2])
     return list(dict.fromkeys(fewer + cheaper))
 
 
@@ -103,15 +104,18 @@ def ca_ablation_table(rows: list[dict]) -> str:
         if row["config"]["cfg_stop"] is not None and not row.get("external"):
             groups.setdefault((*base_of(row), row["config"]["cfg_stop"]), {})[row["config"]["ca_mode"]] = row
     reference = {base_of(r): r for r in rows if r["config"]["cfg_stop"] is None and not r.get("external")}
-    lines = ["| configuration | m | cond | ave | cfg | GMACs | without CFG stop |", "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | m | cond | ave | cfg | none (CFG stop alone) | GMACs (cond) | without CFG stop |",
+             "|---|---|---|---|---|---|---|---|"]
     for (steps, config, m), modes in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
         if len(modes) < 2:
             continue
-        cells = [f"{modes[mode]['fd']:.2f} / {modes[mode]['alignment']:.3f}" if mode in modes else "" for mode in ("cond", "ave", "cfg")]
-        any_row = next(iter(modes.values()))
+        cells = [f"{modes[mode]['fd']:.2f} / {modes[mode]['alignment']:.3f}" if mode in modes else ""
+                 for mode in ("cond", "ave", "cfg", "none")]
+        any_row = modes.get("cond", next(iter(modes.values())))
         ref = reference.get((steps, config))
         ref_cell = f"{ref['fd']:.2f} / {ref['alignment']:.3f} ({ref['macs'] / 1e9:.2f} GMACs)" if ref else ""
-        name = any_row["describe"].split(" cfg_stop")[0]
+        name = " ".join(part for part in any_row["describe"].split(" ") if not part.startswith(("cfg_stop=", "ca_mode=")))
+        name += " off" if name.endswith(",") else ""
         lines.append(f"| {name} | {m} | {' | '.join(cells)} | {any_row['macs'] / 1e9:.2f} | {ref_cell} |")
     return "\n".join(lines)
 
@@ -204,14 +208,16 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
         trajectory_figure(curves, out / "trajectory.png")
         (out / "trajectory.json").write_text(json.dumps(curves, indent=1))
     base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
-    lines = ["# PostDiff study on the embedded model", "", "![pareto](pareto.png)", ""]
+    models = ", ".join(sorted({row["context"]["model"] for row in rows}))
+    lines = [f"# PostDiff study on {models}", "", "![pareto](pareto.png)", ""]
     if curves:
         lines += ["![trajectory](trajectory.png)", ""]
     lines += ["| configuration | FD | alignment | GMACs | MACs vs baseline |", "|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: r["macs"]):
         share = f"{row['macs'] / base['macs']:.0%}" if base else ""
         lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
-    lines += ["", "## Cross-attention cache modes (FD / alignment)", "", ca_ablation_table(rows), ""]
+    lines += ["", "## Cache modes after the CFG stop: cross-attention, or the text stream on MM-DiTs (FD / alignment)", "",
+              ca_ablation_table(rows), ""]
     if grids:
         lines += ["## Samples (one row per class)", ""]
         for title, (row, file_name) in grids.items():
