@@ -8,7 +8,7 @@
 set -euo pipefail
 STORE=${STORE:-docs/study-flow/sweep.jsonl}
 OUT=${OUT:-docs/study-flow}
-PER_CLASS=${PER_CLASS:-30}
+PER_CLASS=${PER_CLASS:-20}
 POSTDIFF=${POSTDIFF:-postdiff}
 STEPS=4,6,8,10,12,14,20
 
@@ -18,21 +18,21 @@ sweep() {  # defaults of one grid axis each: add only what a line varies. Branch
 }
 
 sweep --steps $STEPS                                                          # fewer steps
-sweep --steps 20 --seed 1 --store "$OUT/noise.jsonl"                           # the noise: the baseline on other seeds
 sweep --steps 20 --beta 0.5 --switch 0.25,0.5,0.75                            # mixed resolution: switch
 sweep --steps 20 --beta 0.5,0.75 --switch 0.5 --low-res-shift full,own        # beta, and the low phase's schedule
 sweep --steps 20 --beta 0.5 --switch 0.5 --switch-noise block --low-res-shift full,own  # Pyramid Flow / RALU noise
-sweep --steps 20 --beta 0.5 --switch 0.25 --progressive 0.75@0.25             # progressive 1/2 -> 3/4 -> 1
 sweep --steps 20 --cache-interval 2,3 --cache-branch 0,1                      # block caching
 sweep --steps 20 --cfg-stop 5,10,15 --ca-mode cond,none                       # text-stream cache / CFG stop alone
-sweep --steps 20 --cfg-stop 10 --ca-mode ave,cfg                              # the other text-stream modes
 sweep --steps 8,10,14,20 --beta 0.5 --switch 0.5 --cache-interval 2           # the paper's combination, fewer steps too
-sweep --steps 10,14 --beta 0.5 --switch 0.25,0.5 --cfg-stop 5                 # combined with fewer steps
 sweep --steps $STEPS --external first-block-cache:threshold=0.2 --external taylorseer:interval=3 \
     --external magcache:threshold=0.06,max_skip=2                             # diffusers' caches, every step count
+sweep --steps 10,14 --beta 0.5 --switch 0.25,0.5 --cfg-stop 5                 # combined with fewer steps
+sweep --steps 20 --cfg-stop 10 --ca-mode ave,cfg                              # the other text-stream modes
+sweep --steps 20 --beta 0.5 --switch 0.25 --progressive 0.75@0.25             # progressive 1/2 -> 3/4 -> 1
 sweep --steps 20 --external first-block-cache:threshold=0.1 --external first-block-cache:threshold=0.3 \
     --external taylorseer:interval=5 --external magcache:threshold=0.06,max_skip=1 \
     --external magcache:threshold=0.06,max_skip=3                             # and their other settings at 20 steps
+sweep --steps 20 --seed 1 --store "$OUT/noise.jsonl"                          # the noise: the baseline on other seeds
 
 for budget in 0.4 0.25; do
     "$POSTDIFF" calibrate --model testbed-flow --store "$STORE" --budget-fraction $budget --full-per-class "$PER_CLASS" \

@@ -48,7 +48,8 @@ class PostDiffConfig:
         embedded flow model), whose time shift depends on the image size: "full" (the requested size's schedule
         throughout: the low-resolution steps are the baseline's first ones) or "own" (each phase steps along
         the schedule of its own size: FLUX's mu from its token count; a static `shift` times the phase's scale,
-        SD3's resolution-dependent shift sqrt(m/n)). Re-entry is at the requested size's sigma either way.
+        SD3's resolution-dependent shift sqrt(m/n)). Full resolution re-enters at the requested size's next sigma
+        either way (an intermediate progressive stage, on its own schedule's).
     controlnet_cache: what a ControlNet does on DeepCache's cached steps (`cache_interval` > 1): "reuse" (its
         last full-step residuals, rescaled to the step's conditioning scale; nothing of it runs), "shallow" (its
         modules that feed only cached U-Net layers reuse their last full-step output, the rest runs: the
