@@ -173,3 +173,29 @@ def test_postdiff_drives_the_flow_model_off_exactly_and_with_every_technique(tmp
     images = pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
     assert images.shape == baseline.shape and not np.array_equal(images, baseline)
     assert spec_from_pipeline(pipe).denoiser.kind == "sd3"
+
+
+def test_the_shipped_flow_model_is_small_loads_offline_by_name_and_draws_the_prompted_class():
+    """The trained weights: under 20 MB in diffusers' layout, `testbed-flow` loads them, the same seed gives the
+    same images, and the shipped evaluator reads most of a class's images as that class (20 steps, guidance 3)."""
+    from postdiff.loading import load_pipeline
+    from postdiff.testbed.evaluator import load_evaluator
+    from postdiff.testbed.flow_model import FLOW_WEIGHTS_DIR
+    from postdiff.testbed.text import canonical_prompt
+
+    files = [path for path in FLOW_WEIGHTS_DIR.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 20 * 2**20
+    assert {"model_index.json", "diffusion_pytorch_model.safetensors", "model.safetensors", "training_record.json"} <= {p.name for p in files}
+    pipe, guidance = load_pipeline("testbed-flow")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe, TestbedFlowPipeline) and guidance == 3.0
+    trouser, bag = 1, 8
+    images = {label: pipe(canonical_prompt(label), negative_prompt="", num_inference_steps=20, guidance_scale=guidance,
+                          num_images_per_prompt=8, output_type="np", generator=torch.Generator().manual_seed(0)).images
+              for label in (trouser, bag)}
+    again = pipe(canonical_prompt(bag), negative_prompt="", num_inference_steps=20, guidance_scale=guidance,
+                 num_images_per_prompt=8, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(again, images[bag])
+    evaluator = load_evaluator()
+    for label, drawn in images.items():
+        assert evaluator.alignment(drawn, np.full(len(drawn), label)) >= 0.75, label
