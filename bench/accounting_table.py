@@ -194,6 +194,7 @@ FLOW_ROWS = [
     ("mixed (beta 3/4, s 1/2)", PostDiffConfig(beta=0.75, switch=0.5)),
     ("block caching (k 2, branch 0)", PostDiffConfig(cache_interval=2)),
     ("mixed 3/4 + block caching", PostDiffConfig(beta=0.75, switch=0.5, cache_interval=2)),
+    ("paper preset (the same, low phase on its own schedule)", "preset"),
     ("CFG stop at steps // 3 (text stream computed)", "cfg_stop=none"),
     ("CFG stop at steps // 3 + text-stream cache", "cfg_stop=cond"),
 ]
@@ -208,7 +209,9 @@ def flow_table() -> list[str]:
         once = sum(macs for macs, _ in spec.component_costs(True, True, do_cfg=spec.runs_cfg()).values()) / 1e12
         base = None
         for label, config in FLOW_ROWS:
-            if isinstance(config, str):  # the stop scales with the model's step count
+            if config == "preset":
+                config = PostDiffConfig.preset("paper", family=spec.family)
+            elif isinstance(config, str):  # the stop scales with the model's step count
                 config = PostDiffConfig(cfg_stop=steps // 3, ca_mode=config.split("=")[1])
             value = total(plan_costs(spec.denoiser, spec.plan(config, steps, do_cfg=spec.runs_cfg()))) / 1e12
             base = base or value

@@ -263,13 +263,19 @@ def sweep(
     from .evaluation.sweep import SweepContext, grid
     from .evaluation.workloads import open_workload
 
+    from .api import family_name
+
+    def points_for(family: str):
+        return grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
+                    _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p], family=family,
+                    progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external,
+                    cache_branches=_values(cache_branch, int), switch_noises=_values(switch_noise, str),
+                    low_res_shifts=_values(low_res_shift, str))
+
     try:
-        points = grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
-                      _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p],
-                      progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external,
-                      cache_branches=_values(cache_branch, int), switch_noises=_values(switch_noise, str),
-                      low_res_shifts=_values(low_res_shift, str))
+        points_for("testbed")  # every setting checked before a model loads
         pipe, workload = open_workload(model, prompts, reference, clip_model)
+        points = points_for(family_name(pipe))  # presets of the model's own family
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)

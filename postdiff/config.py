@@ -13,10 +13,14 @@ CONTROLNET_CACHES = ("reuse", "shallow", "full")
 KEYED_WHEN_SET = ("switch_noise", "controlnet_cache", "low_res_shift")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
-PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75}
+# The rectified-flow families, which the paper does not cover, take theirs from the study on the embedded flow
+# model (README, "Findings: the embedded flow model"): 3/4, with the low-resolution phase on its own schedule.
+FLOW_FAMILIES = ("sd3", "flux", "testbed-flow")
+PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75, **{family: 0.75 for family in FLOW_FAMILIES}}
+FLOW_PAPER_SETTINGS = {"low_res_shift": "own"}
 # The presets' cache branch: U-Nets 1 (the paper's DeepCache FLOPs); DiTs 0 (caching/blocks.py: first and
 # last block run, the rest cached), the paper names no DiT setting.
-DIT_FAMILIES = ("pixart",)
+DIT_FAMILIES = ("pixart", *FLOW_FAMILIES)
 
 
 class ConfigError(ValueError):
@@ -118,7 +122,8 @@ class PostDiffConfig:
     @classmethod
     def preset(cls, name: str, family: str = "sd") -> "PostDiffConfig":
         """"off"; "deepcache" (k=2, branch 1 on U-Nets: the paper's DeepCache row; 0 on DiTs); "paper": the
-        paper's beta for the family, s=1/2, and the "deepcache" caching.
+        paper's beta for the family, s=1/2, and the "deepcache" caching (rectified flow: beta and the low phase's
+        schedule from the embedded flow model's study, see PAPER_BETA).
 
         "paper" is the configuration of the paper's headline PostDiff rows: their FLOPs are exactly mixed
         resolution (s=1/2) times DeepCache (k=2), with CFG kept (19.035 x 17.787 / 30.420 = 11.130; the paper's
@@ -128,12 +133,12 @@ class PostDiffConfig:
         _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")
         if name == "off":
             return cls()
-        _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)} (presets for the rectified-flow "
-               "families come from measurements on the embedded flow model, issue 12: until then give the fields)")
+        _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)}")
         branch = 0 if family in DIT_FAMILIES else 1
         if name == "deepcache":
             return cls(cache_interval=2, cache_branch=branch)
-        return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=branch)
+        flow = FLOW_PAPER_SETTINGS if family in FLOW_FAMILIES else {}
+        return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=branch, **flow)
 
     def with_changes(self, **changes) -> "PostDiffConfig":
         return replace(self, **changes)

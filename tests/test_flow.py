@@ -536,3 +536,23 @@ def test_own_low_resolution_shift_changes_nothing_without_a_switch_and_is_refuse
                                           "StableDiffusionPipeline with DDIMScheduler has none"):
         unet("a photo of a sneaker", num_inference_steps=4, height=32, width=32)
     assert calls == []
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_paper_preset_for_the_flow_families_is_the_measured_one_and_runs(model_dir, name):
+    """beta 3/4, s 1/2, block caching k 2 over all but the first and last block, the low phase on its own
+    schedule (the flow study's choice); the 12x12 low-resolution phase then 16x16, as planned."""
+    family = postdiff.api.family_name(BUILDERS[name](model_dir))
+    preset = PostDiffConfig.preset("paper", family=family)
+    assert preset == PostDiffConfig(beta=0.75, switch=0.5, cache_interval=2, cache_branch=0, low_res_shift="own")
+    assert PostDiffConfig.preset("deepcache", family=family) == PostDiffConfig(cache_interval=2, cache_branch=0)
+    assert PostDiffConfig.preset("paper", family="testbed-flow") == preset
+    pipe = postdiff.apply(BUILDERS[name](model_dir), preset)
+    seen, handle = _timesteps_seen(pipe)
+    images = call(pipe)
+    handle.remove()
+    assert images.shape == call(BUILDERS[name](model_dir)).shape and np.isfinite(images).all()
+    sizes = [k["hidden_states"].shape[-1] if name == "sd3" else k["hidden_states"].shape[1] for k in seen]
+    assert sizes == ([12] * 4 + [16] * 4 if name == "sd3" else [36] * 4 + [64] * 4)  # FLUX: packed tokens
+    with pytest.raises(ConfigError, match="family='sd4' is not allowed: expected one of sd, testbed, sdxl, pixart, sd3, flux"):
+        PostDiffConfig.preset("paper", family="sd4")
