@@ -228,7 +228,10 @@ def score_in_store(pipe, workload, points: list, store: Path, context, log: Cons
 
 
 def _values(text: str, convert) -> list:
-    return [None if item.strip().lower() == "none" else convert(item) for item in text.split(",") if item.strip()]
+    """A comma list; "none" is None where the value is a number (a CFG stop), and stays a name where it is one
+    (the "none" cache mode)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return [None if item.lower() == "none" and convert is not str else convert(item) for item in items]
 
 
 @app.command()

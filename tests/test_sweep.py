@@ -48,6 +48,14 @@ def test_grid_gives_low_resolution_shifts_and_switch_noises_only_to_configs_with
         for noise in ("iid", "block") for shift in ("full", "own")]
 
 
+def test_sweep_lists_read_none_as_no_cfg_stop_and_as_the_none_cache_mode():
+    from postdiff.cli import _values
+
+    assert _values("none, 5,10", int) == [None, 5, 10]
+    assert _values("cond,none", str) == ["cond", "none"]
+    assert {p.config.ca_mode for p in grid([20], cfg_stops=_values("5", int), ca_modes=_values("cond,none", str))} == {"cond", "none"}
+
+
 def test_cache_mode_table_puts_the_modes_of_one_cfg_stop_side_by_side_with_the_config_without_it():
     from postdiff.evaluation.study import ca_ablation_table
 
