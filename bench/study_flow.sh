@@ -36,4 +36,7 @@ for budget in 0.4 0.25; do
     "$POSTDIFF" calibrate --model testbed-flow --store "$STORE" --budget-fraction $budget --calibration-per-class 5 \
         --full-per-class "$PER_CLASS" | tee "$OUT/calibration_$budget.json"
 done
+# the study's best family under 40%, block caching with fewer steps, added to the default candidates
+"$POSTDIFF" calibrate --model testbed-flow --store "$STORE" --budget-fraction 0.4 --calibration-per-class 5 \
+    --full-per-class "$PER_CLASS" --grid "steps=6,8,10,12,14 cache_interval=2,3" | tee "$OUT/calibration_0.4_grid.json"
 "$POSTDIFF" report --model testbed-flow --store "$STORE" --out "$OUT" --per-class "$PER_CLASS" --no-trajectories

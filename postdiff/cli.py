@@ -234,6 +234,44 @@ def _values(text: str, convert) -> list:
     return [None if item.lower() == "none" and convert is not str else convert(item) for item in items]
 
 
+# The grid axes: sweep's options, and calibrate's --grid AXIS=VALUES; each -> (grid()'s argument, value reader).
+GRID_AXES = {
+    "steps": ("steps", int), "beta": ("betas", float), "switch": ("switches", float),
+    "cache_interval": ("cache_intervals", int), "cache_branch": ("cache_branches", int),
+    "cfg_stop": ("cfg_stops", int), "ca_mode": ("ca_modes", str), "preset": ("presets", str),
+    "switch_noise": ("switch_noises", str), "low_res_shift": ("low_res_shifts", str),
+    "progressive": ("progressives", parse_progressive),
+}
+
+
+def _grid_arguments(axes: dict[str, str]) -> dict:
+    """grid()'s keyword arguments from comma lists keyed by axis name."""
+    arguments = {}
+    for axis, text in axes.items():
+        name, read = GRID_AXES[axis]
+        try:  # a progressive schedule's own "none" is the empty schedule, not a missing value
+            arguments[name] = [read(item) for item in text.split(",")] if read is parse_progressive else _values(text, read)
+        except ConfigError:  # already names the value and what is allowed
+            raise
+        except ValueError:
+            raise ValueError(f"{axis}={text!r} is not allowed: expected a comma list of {read.__name__} values") from None
+    return arguments
+
+
+def _parse_grid(text: str) -> dict[str, str]:
+    """calibrate's --grid: "steps=8,10 cache_interval=2,3" -> {"steps": "8,10", "cache_interval": "2,3"}."""
+    axes = {}
+    for item in text.split():
+        axis, equals, values = item.partition("=")
+        axis = axis.replace("-", "_")
+        if not equals or not values or axis not in GRID_AXES:
+            raise ValueError(f"--grid {text!r}: {item!r} is not AXIS=VALUES with AXIS one of {', '.join(GRID_AXES)}")
+        axes[axis] = values
+    if "steps" not in axes:
+        raise ValueError(f"--grid {text!r}: give the step counts, e.g. steps=8,10,14")
+    return axes
+
+
 @app.command()
 def sweep(
     store: Path = typer.Option(Path("runs/sweep.jsonl"), help="append-only results (resumed when present)"),
@@ -268,12 +306,12 @@ def sweep(
 
     from .api import family_name
 
+    axes = dict(steps=steps, beta=beta, switch=switch, cache_interval=cache_interval, cache_branch=cache_branch,
+                cfg_stop=cfg_stop, ca_mode=ca_mode, preset=preset, switch_noise=switch_noise,
+                low_res_shift=low_res_shift, progressive=progressive)
+
     def points_for(family: str):
-        return grid(_values(steps, int), _values(beta, float), _values(switch, float), _values(cache_interval, int),
-                    _values(cfg_stop, int), _values(ca_mode, str), [p for p in _values(preset, str) if p], family=family,
-                    progressives=[parse_progressive(text) for text in progressive.split(",")], externals=external,
-                    cache_branches=_values(cache_branch, int), switch_noises=_values(switch_noise, str),
-                    low_res_shifts=_values(low_res_shift, str))
+        return grid(**_grid_arguments(axes), family=family, externals=external)
 
     try:
         points_for("testbed")  # every setting checked before a model loads
@@ -292,10 +330,16 @@ def sweep(
 @app.command()
 def calibrate(
     budget_macs: Optional[float] = typer.Option(None, help="MACs per image allowed (units of 1)"),
-    budget_fraction: Optional[float] = typer.Option(None, help="or: a fraction of the 20-step baseline's MACs"),
+    budget_fraction: Optional[float] = typer.Option(None, help="or: a fraction of the baseline's MACs (max-steps steps)"),
     min_alignment: float = typer.Option(0.0, help="only candidates at least this aligned on the calibration set"),
     store: Path = typer.Option(Path("runs/sweep.jsonl")),
-    max_steps: int = typer.Option(20),
+    max_steps: int = typer.Option(20, help="the baseline's steps (for --budget-fraction) and the default candidates' most"),
+    grid_text: list[str] = typer.Option([], "--grid", help="repeatable: candidates from a sweep grid, AXIS=VALUES joined by "
+                                        "spaces with the sweep's option names, e.g. \"steps=8,10,14 cache_interval=2,3\" "
+                                        "(unnamed axes: off; cache_branch: 0 on transformers, 1 on U-Nets)"),
+    with_defaults: bool = typer.Option(True, "--default-candidates/--no-default-candidates",
+                                       help="the default candidates: fewer steps, and mixed resolution / block caching / "
+                                       "CFG stop at max-steps and 3/4 of it"),
     calibration_per_class: int = typer.Option(10, min=2, help="images per prompt on the calibration set (seeds from 1000)"),
     full_per_class: int = typer.Option(100, min=2, help="images per prompt on the full set (seeds from 0)"),
     guidance_scale: float = typer.Option(3.0),
@@ -307,14 +351,24 @@ def calibrate(
     """Best configuration under a MACs budget on a small calibration set, confirmed on the full set."""
     from dataclasses import replace
 
+    from .api import family_name
     from .evaluation.study import calibrate as run_calibration
     from .evaluation.study import default_candidates
-    from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, point_macs
+    from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, grid, point_macs
     from .evaluation.workloads import FashionClasses, open_workload
+
+    def candidates_for(family: str, cache_branch: int) -> list:
+        points = default_candidates(max_steps, cache_branch=cache_branch) if with_defaults else []
+        for axes in grids:
+            points += grid(**{"cache_branches": [cache_branch], **_grid_arguments(axes)}, family=family)
+        return list(dict.fromkeys(points))
 
     try:
         if (budget_macs is None) == (budget_fraction is None):
             raise ValueError("give exactly one of --budget-macs and --budget-fraction")
+        grids = [_parse_grid(text) for text in grid_text]
+        if not candidates_for("testbed", 1):  # every setting checked before a model loads
+            raise ValueError("--no-default-candidates leaves no candidates: give at least one --grid")
         pipe, workload = open_workload(model, prompts, reference, clip_model)
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")
@@ -325,9 +379,13 @@ def calibrate(
     calibration_set = "calibration" if isinstance(workload, FashionClasses) else f"{workload.name} (calibration)"
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
-        candidates = default_candidates(max_steps, cache_branch=0 if hasattr(pipe, "transformer") else 1)
-        result = run_calibration(pipe, workload, SweepStore(store), budget_macs, candidates,
-                                 calibration, full, progress, min_alignment)
+        candidates = candidates_for(family_name(pipe), cache_branch=0 if hasattr(pipe, "transformer") else 1)
+        try:
+            result = run_calibration(pipe, workload, SweepStore(store), budget_macs, candidates,
+                                     calibration, full, progress, min_alignment)
+        except ValueError as error:  # the budget or min_alignment admits no candidate
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2)
     print(json.dumps(result, indent=1, default=str))
 
 

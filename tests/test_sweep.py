@@ -119,6 +119,58 @@ def test_sweep_cli_rejects_a_bad_progressive_schedule_before_loading_anything(tm
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_grid_refuses_an_out_of_range_value_rather_than_leaving_it_out_as_a_combination():
+    from postdiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="beta=2 is not allowed"):
+        grid([8], betas=[1.0, 2], switches=[0, 0.5])
+    with pytest.raises(ConfigError, match="switch=1 is not allowed"):
+        grid([8], betas=[1.0], switches=[0, 1])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--grid", "steps=8 bogus=1"], "'bogus=1' is not AXIS=VALUES with AXIS one of steps, beta"),
+    (["--grid", "beta=0.5 switch=0.5"], "give the step counts, e.g. steps=8,10,14"),
+    (["--grid", "steps=8,x"], "steps='8,x' is not allowed: expected a comma list of int values"),
+    (["--grid", "steps=8 beta=2 switch=0.5"], "beta=2.0 is not allowed"),
+    (["--no-default-candidates"], "--no-default-candidates leaves no candidates: give at least one --grid"),
+])
+def test_calibrate_checks_its_candidate_grids_before_loading_anything(tmp_path, arguments, message):
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    result = CliRunner().invoke(app, ["calibrate", "--budget-fraction", "0.4", "--store", str(tmp_path / "s.jsonl"), *arguments],
+                                terminal_width=400)
+    assert result.exit_code == 2 and message in " ".join(result.stdout.split())
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_calibrate_scores_the_given_grids_with_the_models_own_cache_branch(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    store = tmp_path / "s.jsonl"
+    arguments = ["calibrate", "--budget-fraction", "1", "--max-steps", "3", "--calibration-per-class", "2",
+                 "--full-per-class", "2", "--store", str(store), "--no-default-candidates",
+                 "--grid", "steps=2,3 cache_interval=1,2", "--grid", "steps=3 beta=0.5 switch=0.5"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    scored = {(row["context"]["prompt_set"], row["describe"]) for row in SweepStore(store).rows()}
+    candidates = ["2 steps, off", "2 steps, cache_interval=2 cache_branch=1", "3 steps, off",
+                  "3 steps, cache_interval=2 cache_branch=1", "3 steps, beta=0.5 switch=0.5"]
+    assert scored == {(prompt_set, name) for prompt_set in ("calibration", "fashion-mnist-classes") for name in candidates}
+    outcome = json.loads(result.stdout[result.stdout.index("{"):])
+    assert outcome["candidates"] == 5 and outcome["best"] in candidates
+    on_calibration = [row for row in SweepStore(store).rows() if row["context"]["prompt_set"] == "calibration"]
+    assert outcome["best_calibration"]["fd"] == min(row["fd"] for row in on_calibration)
+    budget = CliRunner().invoke(app, [*arguments[:2], "0.01", *arguments[3:]])
+    assert budget.exit_code == 2 and "admits none of the 5 candidates" in budget.stdout
+
+
 def test_measured_macs_equal_the_plan_and_external_methods_are_measured_the_same_way(model_dir):
     from tiny import sd_pipeline
 

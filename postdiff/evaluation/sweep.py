@@ -99,6 +99,10 @@ def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
     use and the one the published study measured. Likewise `switch_noises` and `low_res_shifts` apply to configs
     with a switch."""
+    for beta in betas:  # a value out of range is refused here, not left out below as an invalid combination
+        PostDiffConfig(beta=beta)
+    for switch in switches:
+        PostDiffConfig(beta=0.5, switch=switch)
     points = []
     for n, beta, switch, interval, branch, stop, mode, stages, noise, shift in itertools.product(
             steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives, switch_noises,
