@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,8 @@ def ca_ablation_table(rows: list[dict]) -> str:
         any_row = modes.get("cond", next(iter(modes.values())))
         ref = reference.get((steps, config))
         ref_cell = f"{ref['fd']:.2f} / {ref['alignment']:.3f} ({ref['macs'] / 1e9:.2f} GMACs)" if ref else ""
-        name = " ".join(part for part in any_row["describe"].split(" ") if not part.startswith(("cfg_stop=", "ca_mode=")))
-        name += " off" if name.endswith(",") else ""
+        without_stop = replace(point_of(any_row).config, cfg_stop=None, ca_mode="cond")
+        name = SweepPoint(without_stop, steps).describe()
         lines.append(f"| {name} | {m} | {' | '.join(cells)} | {any_row['macs'] / 1e9:.2f} | {ref_cell} |")
     return "\n".join(lines)
 
