@@ -45,6 +45,16 @@ CONFIG_FLAGS = {
 }
 
 
+@contextlib.contextmanager
+def refused_input():
+    """Bad input (a ConfigError or another ValueError): one red line that names it, exit status 2, no traceback."""
+    try:
+        yield
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2)
+
+
 def with_config_flags(function):
     """Add the config flags to a command; the command receives `config_flags` (a dict) instead."""
     signature = inspect.signature(function)
@@ -55,11 +65,8 @@ def with_config_flags(function):
     @functools.wraps(function)
     def command(**kwargs):
         flags = {name: kwargs.pop(name) for name in CONFIG_FLAGS}
-        try:
+        with refused_input():
             return function(config_flags=flags, **kwargs)
-        except (ConfigError, ValueError) as error:
-            console.print(f"[red]error:[/red] {error}")
-            raise typer.Exit(2)
 
     command.__signature__ = signature.replace(parameters=parameters)
     return command
@@ -313,13 +320,10 @@ def sweep(
     def points_for(family: str):
         return grid(**_grid_arguments(axes), family=family, externals=external)
 
-    try:
+    with refused_input():
         points_for("testbed")  # every setting checked before a model loads
         pipe, workload = open_workload(model, prompts, reference, clip_model)
         points = points_for(family_name(pipe))  # presets of the model's own family
-    except (ConfigError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2)
     context = SweepContext.for_workload(workload, model, per_class=per_class, seed=seed, guidance_scale=guidance_scale)
     rows = score_in_store(pipe, workload, points, store, context, console)
     for row in sorted(rows, key=lambda r: r["macs"]):
@@ -363,16 +367,13 @@ def calibrate(
             points += grid(**{"cache_branches": [cache_branch], **_grid_arguments(axes)}, family=family)
         return list(dict.fromkeys(points))
 
-    try:
+    with refused_input():
         if (budget_macs is None) == (budget_fraction is None):
             raise ValueError("give exactly one of --budget-macs and --budget-fraction")
         grids = [_parse_grid(text) for text in grid_text]
         if not candidates_for("testbed", 1):  # every setting checked before a model loads
             raise ValueError("--no-default-candidates leaves no candidates: give at least one --grid")
         pipe, workload = open_workload(model, prompts, reference, clip_model)
-    except (ConfigError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2)
     if budget_fraction is not None:
         budget_macs = budget_fraction * point_macs(pipe, SweepPoint(PostDiffConfig(), max_steps), guidance_scale, workload)
     full = SweepContext.for_workload(workload, model, per_class=full_per_class, seed=0, guidance_scale=guidance_scale)
@@ -380,12 +381,9 @@ def calibrate(
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
         candidates = candidates_for(family_name(pipe), cache_branch=0 if hasattr(pipe, "transformer") else 1)
-        try:
+        with refused_input():  # the budget or min_alignment may admit no candidate
             result = run_calibration(pipe, workload, SweepStore(store), budget_macs, candidates,
                                      calibration, full, progress, min_alignment)
-        except ValueError as error:  # the budget or min_alignment admits no candidate
-            console.print(f"[red]error:[/red] {error}")
-            raise typer.Exit(2)
     print(json.dumps(result, indent=1, default=str))
 
 
