@@ -21,6 +21,7 @@ from .caching.state import RunState
 from .config import ConfigError, PostDiffConfig
 from .families import family_for
 from .families.base import Family
+from .engine import Engine, shared_progress_bar
 from .sampler import Sampler
 from .schedulers import check_scheduler
 
@@ -99,25 +100,38 @@ def config_of(pipe) -> PostDiffConfig | None:
     return patch.config if patch is not None else None
 
 
-def _sampler(pipe, args, kwargs, trajectory: list | None = None) -> Sampler:
-    """A Sampler for one call, its arguments bound to the pipeline's own signature (defaults applied)."""
+def _runner(pipe, args, kwargs, trajectory: list | None = None) -> Engine | Sampler:
+    """The engine (or, for a family not moved to it yet, its mirrored Sampler) for one call, its arguments bound
+    to the pipeline's own signature (defaults applied)."""
     patch: Patch = pipe.__dict__["_postdiff"]
     bound = inspect.signature(patch.reference_call()).bind(pipe, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
-    return Sampler(patch.family(pipe, arguments), patch.config, patch.state, trajectory)
+    family = patch.family(pipe, arguments)
+    if not family.engine:
+        return Sampler(family, patch.config, patch.state, trajectory)
+    family.state = patch.state
+    return Engine(pipe, family, patch.config, patch.state, patch.original_class.__call__, arguments, trajectory)
 
 
 def _postdiff_call(self, *args, **kwargs):
+    patch: Patch = self.__dict__["_postdiff"]
+    if patch.config.is_off and patch.family.engine:
+        return patch.original_class.__call__(self, *args, **kwargs)  # "off" is one plain call
     with torch.no_grad():
-        return _sampler(self, args, kwargs)()
+        return _runner(self, args, kwargs)()
 
 
 def plan_call(pipe, *args, **kwargs):
-    """The StepPlan that `pipe(*args, **kwargs)` would execute, without running anything and without touching
-    the pipeline: it is planned on a view of it (its own fields, a copy of the scheduler, the same modules)."""
-    return _sampler(_planning_view(pipe), args, kwargs).prepare()
+    """The StepPlan that `pipe(*args, **kwargs)` would execute, without denoising and without touching the
+    pipeline: it is planned on a view of it (its own fields, a copy of the scheduler, the same modules). Under
+    the engine the pipeline's own call runs up to its schedule (input checks, prompt encoding) on the view."""
+    runner = _runner(_planning_view(pipe), args, kwargs)
+    if isinstance(runner, Sampler):
+        return runner.prepare()
+    with torch.no_grad(), runner.call_scope():
+        return runner.prepare()
 
 
 def _planning_view(pipe):
@@ -130,11 +144,12 @@ def trace_x0(pipe, *args, **kwargs) -> tuple[object, list[torch.Tensor]]:
     """Run `pipe(*args, **kwargs)` and return its output and the x0 prediction of every step (latent space)."""
     trajectory: list[torch.Tensor] = []
     with torch.no_grad():
-        output = _sampler(pipe, args, kwargs, trajectory)()
+        output = _runner(pipe, args, kwargs, trajectory)()
     return output, trajectory
 
 
 @functools.cache
 def _patched_class(cls: type) -> type:
     # Same name and module, so save_pretrained and repr read as the original pipeline.
-    return type(cls.__name__, (cls,), {"__call__": _postdiff_call, "__module__": cls.__module__, "__doc__": cls.__doc__})
+    return type(cls.__name__, (cls,), {"__call__": _postdiff_call, "progress_bar": shared_progress_bar,
+                                       "__module__": cls.__module__, "__doc__": cls.__doc__})

@@ -145,7 +145,8 @@ def test_callback_outputs_with_off_are_bit_identical_to_diffusers(model_dir, fam
 def test_callback_embeddings_reach_the_steps_after_the_cfg_stop(model_dir):
     pipe = postdiff.apply(sd_pipeline(model_dir), PostDiffConfig(cfg_stop=5, ca_mode="none"))
     seen = []
-    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
+    attention = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2  # sees what really runs
+    handle = attention.register_forward_pre_hook(lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
     call(pipe, callback_on_step_end=_scaled_embeddings(("prompt_embeds",)), callback_on_step_end_tensor_inputs=["prompt_embeds"])
     handle.remove()
     torch.testing.assert_close(seen[4], seen[3] * 0.5)

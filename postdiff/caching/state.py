@@ -52,6 +52,10 @@ class RunState:
     num_images: int = 0  # conditional batch size (images per call)
     guidance_scale: float = 1.0
     pass_name: str = ""  # which denoiser pass of a step runs (PASS_NAMES)
+    cfg_call: bool = False  # the call guides with CFG (its steps before the CFG stop)
+    cfg_passes: int = 1  # denoiser passes of a CFG step: 1 (one [uncond, cond] batch) or 2 (FLUX's true CFG)
+    pass_index: int = 0  # denoiser passes run so far in the current step
+    conditional_output: object = None  # the step's conditional pass output, where a second pass reuses it
     # name -> Slot. DeepCache: a module's output of the last full step; block caching: the span's residual.
     deep: dict = field(default_factory=dict)
     # name -> Slot: a cross-attention module's CrossAttentionEntry, or a joint block's text-stream record.
@@ -61,15 +65,17 @@ class RunState:
         """The slot named `key` in `store` (`self.deep` or `self.cross_attention`), made on first use."""
         return store.setdefault(key, Slot())
 
-    def begin(self, num_images: int, guidance_scale: float) -> None:
+    def begin(self, num_images: int, guidance_scale: float, cfg_call: bool = False, cfg_passes: int = 1) -> None:
         self.reset()
         self.num_images = num_images
         self.guidance_scale = guidance_scale
+        self.cfg_call, self.cfg_passes = cfg_call, cfg_passes
 
     def reset(self) -> None:
         self.step = None
         self.latent_hw = None
         self.pass_name = ""
+        self.pass_index, self.conditional_output = 0, None
         self.reset_deep_cache()
         _empty(self.cross_attention)
 
@@ -82,6 +88,7 @@ class RunState:
         if step.cross_attention == "cached":
             self.align_cross_attention(step.latent_hw)
         self.step, self.latent_hw = step, step.latent_hw
+        self.pass_index, self.conditional_output = 0, None
 
     def reset_deep_cache(self) -> None:
         """The deep features have the old spatial size after a resolution switch: drop them."""

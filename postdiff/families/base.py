@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from ..caching.guidance import apply_guidance_hook
 from ..config import ConfigError
 from ..denoisers import DENOISER_KINDS, DenoiserKind
 from ..plan import ModelFacts
@@ -46,6 +47,9 @@ class Family:
     denoiser_kind = "unet"  # denoisers.DENOISER_KINDS key
     max_text_length = 77  # prompt tokens the denoiser sees (CLIP: 77; T5-based families: more)
     cfg_passes = 1  # denoiser passes of a CFG step: 1 where CFG is one batch, 2 where it runs as separate passes
+    # Runs through the engine (postdiff/engine.py: the pipeline's own `__call__` once per resolution segment);
+    # False: through this family's mirrored loop (postdiff/sampler.py), for the pipelines not moved yet.
+    engine = False
 
     @classmethod
     def kind(cls) -> DenoiserKind:
@@ -58,8 +62,12 @@ class Family:
 
     @classmethod
     def install_caches(cls, pipe, config, state) -> None:
-        """Validate `config` against the pipeline's models, then install the caches it needs on them."""
-        cls.kind().install_caches(getattr(pipe, cls.denoiser_attribute), config, state)
+        """Validate `config` against the pipeline's models, then install the caches it needs on them; under the
+        engine the guidance hook outermost (the CFG stop, and the passes of separate-pass CFG)."""
+        denoiser = getattr(pipe, cls.denoiser_attribute)
+        cls.kind().install_caches(denoiser, config, state)
+        if cls.engine and (config.cfg_stop is not None or (cls.cfg_passes == 2 and not config.is_off)):
+            apply_guidance_hook(denoiser, state)
 
     def __init__(self, pipe, arguments: dict):
         self.pipe = pipe
@@ -166,6 +174,48 @@ class Family:
     def step_latents(self, output) -> torch.Tensor:
         """The latents the loop goes on with, from `scheduler.step(..., return_dict=False)`: its first entry."""
         return output[0]
+
+    # -- the engine's adapter: how a segment's call differs from the user's
+    def after_probe(self) -> None:
+        """The pipeline's call has run up to its schedule: fields it set (its guidance scale) can be read."""
+
+    def planned_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The timesteps the pipeline's loop iterates, of those its `set_timesteps` made."""
+        return timesteps
+
+    def segment_arguments(self, arguments: dict, phase, last: bool, latents, guided: bool) -> dict:
+        """The arguments of one segment's call: the phase's size, the latents it starts from, latents out for all
+        but the last segment; a guidance rescale only while CFG runs (`guided`: the segment's first step guides;
+        after the CFG stop the output is the conditional one, as without CFG)."""
+        segment = dict(arguments)
+        if phase.scale != 1.0:
+            segment.update(self.segment_size(phase))
+        if latents is not None:
+            segment["latents"] = latents
+        if not last:
+            segment.update(output_type="latent", return_dict=False)
+        if "guidance_rescale" in segment and not guided:
+            segment["guidance_rescale"] = 0.0
+        return segment
+
+    def segment_size(self, phase) -> dict:
+        """Call arguments that make the pipeline denoise at the phase's latent size."""
+        factor = self.pipe.vae_scale_factor
+        return {"height": phase.latent_hw[0] * factor, "width": phase.latent_hw[1] * factor}
+
+    def spatial_latents(self, latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Latents of the pipeline's layout as (B, C, H, W) (packed-token pipelines unpack)."""
+        return latents
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents in the layout the pipeline's `latents=` takes."""
+        return latents
+
+    def own_scheduler(self, scheduler, phase):
+        """A fresh scheduler like `scheduler` (the call's real one) for a lower-resolution segment with
+        `low_res_shift="own"`: the pipeline sets it to the schedule of the segment's size. None where the
+        schedule does not depend on the size."""
+        return None
 
     # -- compute
     def encode(self) -> None:

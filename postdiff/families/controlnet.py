@@ -34,6 +34,9 @@ from .sdxl import StableDiffusionXLFamily
 class ControlNetMixin:
     """ControlNet residuals for a U-Net family's `denoise`; mixed in before the family (SD or SDXL)."""
 
+    engine = False  # still the mirrored loop (postdiff/sampler.py)
+
+
     @classmethod
     def cached_models(cls, pipe) -> list[torch.nn.Module]:
         return [*super().cached_models(pipe), pipe.controlnet]

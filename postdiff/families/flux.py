@@ -33,6 +33,7 @@ from .base import Family, register
 @register
 class FluxFamily(Family):
     name = "flux"
+    engine = True
     cfg_passes = 2  # true CFG: a conditional pass, then an unconditional one
     pipeline_names = ("FluxPipeline",)
     unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
@@ -140,6 +141,15 @@ class FluxFamily(Family):
         if pipe.transformer.config.guidance_embeds:
             self.guidance = torch.full([1], a["guidance_scale"], device=self.device, dtype=torch.float32).expand(self.num_images)
         return self.unpack(packed, latent_hw)
+
+    def own_scheduler(self, scheduler, phase):
+        return type(scheduler).from_config(scheduler.config)  # the pipeline's mu follows the segment's token count
+
+    def spatial_latents(self, latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        return self.unpack(latents, latent_hw)
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pack(latents)
 
     def unpack(self, packed: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         factor = self.pipe.vae_scale_factor

@@ -32,6 +32,7 @@ from .base import Family, register
 class PixArtAlphaFamily(Family):
     name = "pixart"
     pipeline_names = ("PixArtAlphaPipeline",)
+    engine = True
     denoiser_attribute = "transformer"
     denoiser_kind = "pixart"
     max_text_length = 120  # the pipeline's default max_sequence_length
@@ -55,6 +56,11 @@ class PixArtAlphaFamily(Family):
                 raise ValueError("Invalid sample size")
             self.height, self.width = pipe.image_processor.classify_height_width_bin(self.height, self.width, ratios=self.bins[config.sample_size])
         self.conditions = {}
+
+    def segment_size(self, phase) -> dict:
+        """A lower-resolution segment runs at the binned size times its scale, without binning it again (the bins
+        are for full-size images); its resolution condition is that size, as the pipeline builds it."""
+        return {**super().segment_size(phase), "use_resolution_binning": False}
 
     # -- before any compute
     def check(self) -> None:

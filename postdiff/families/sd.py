@@ -19,6 +19,7 @@ from .base import Family, call_with, register
 class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_names = ("StableDiffusionPipeline",)
+    engine = True
     unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
 
     def __init__(self, pipe, arguments: dict):
@@ -192,6 +193,7 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
 
     name = "sd-img2img"
     pipeline_names = ("StableDiffusionImg2ImgPipeline",)
+    engine = False  # still the mirrored loop (postdiff/sampler.py)
 
     def __init__(self, pipe, arguments: dict):
         Family.__init__(self, pipe, arguments)

@@ -26,6 +26,7 @@ from .base import Family, register
 class StableDiffusion3Family(Family):
     name = "sd3"
     pipeline_names = ("StableDiffusion3Pipeline",)
+    engine = True
     unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
     denoiser_attribute = "transformer"
     denoiser_kind = "sd3"
@@ -81,6 +82,17 @@ class StableDiffusion3Family(Family):
             return scheduler, self.set_schedule(scheduler, self.shift_mu(latent_hw))
         scheduler = type(self.pipe.scheduler).from_config(config, shift=config.shift * latent_hw[0] / self.latent_hw[0])
         return scheduler, self.set_schedule(scheduler, None)
+
+    def own_scheduler(self, scheduler, phase):
+        """Dynamic shifting: a fresh copy (the pipeline's mu follows the segment's token count). A static shift:
+        the configured shift times the linear scale to the requested size (SD3's resolution-dependent shift, the
+        square root of the ratio of pixel counts)."""
+        config = scheduler.config
+        if "shift" not in config:
+            return None
+        if config.get("use_dynamic_shifting", None):
+            return type(scheduler).from_config(config)
+        return type(scheduler).from_config(config, shift=config.shift * phase.latent_hw[0] / self.latent_hw[0])
 
     def shift_mu(self, latent_hw: tuple[int, int]) -> float:
         config, patch = self.pipe.scheduler.config, self.pipe.transformer.config.patch_size

@@ -29,6 +29,9 @@ def until_denoising_end(scheduler, timesteps: torch.Tensor, end) -> torch.Tensor
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
     pipeline_names = ("StableDiffusionXLPipeline",)
+    # Micro-conditioning sizes (pixels): scaled with the latent in a lower-resolution segment.
+    size_arguments = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
+                      "negative_target_size", "negative_crops_coords_top_left")
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)
@@ -46,6 +49,20 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return timesteps
+
+    def planned_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return until_denoising_end(self.pipe.scheduler, timesteps, self.args["denoising_end"])
+
+    def segment_arguments(self, arguments: dict, phase, last: bool, latents, guided: bool) -> dict:
+        """The plan has cut the timesteps at `denoising_end` already; the size conditions given follow the latent
+        (rounded), as the defaults do (the segment's own size)."""
+        segment = super().segment_arguments(arguments, phase, last, latents, guided)
+        segment["denoising_end"] = None
+        if phase.scale != 1.0:
+            for name in self.size_arguments:
+                if segment.get(name) is not None:
+                    segment[name] = tuple(round(value * phase.scale) for value in segment[name])
+        return segment
 
     def encode(self) -> None:
         pipe, a = self.pipe, self.args

@@ -42,6 +42,9 @@ def denoising_value_valid(value) -> bool:
 class StableDiffusionXLEditMixin:
     """What SDXL img2img and inpainting add to their SD counterparts; listed first among the bases."""
 
+    engine = False  # still the mirrored loop (postdiff/sampler.py)
+
+
     def set_call_fields(self) -> None:
         super().set_call_fields()
         pipe, a = self.pipe, self.args
