@@ -106,7 +106,7 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
     from postdiff.models import spec_from_pipeline
 
     pipe, arguments = build_pipeline(workload, device)
-    family = postdiff.api.family_name(pipe)
+    family = postdiff.api.preset_family(pipe)
     spec = spec_from_pipeline(pipe)
     config_name, compiled = _compiled_suffix(config_name)
     config = _config(config_name, family)

@@ -2,7 +2,7 @@
 
 import importlib
 
-from .config import CA_MODES, PRESETS, ConfigError, PostDiffConfig  # noqa: F401
+from .config import CA_MODES, PRESETS, ConfigError, PostDiffConfig, Preset  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ import torch
 
 from .caching import remove_caches
 from .caching.state import RunState
-from .config import ConfigError, PostDiffConfig
+from .config import PRESETS, ConfigError, PostDiffConfig, Preset
 from .families import family_for
 from .families.base import Family
 from .engine import Engine, shared_progress_bar
@@ -51,9 +51,31 @@ def family_name(pipe) -> str:
     return family_for(pipe).name
 
 
-def apply(pipe, config: PostDiffConfig | None = None):
-    """Run `pipe(...)` with PostDiff. Validates what can be checked without a call; returns `pipe`."""
-    config = config or PostDiffConfig()
+def preset_family(pipe) -> str:
+    """The family whose presets `pipe` gets (config.PAPER_BETA): an editing pipeline its base model's."""
+    family = family_for(pipe)
+    return family.preset_family or family.name
+
+
+def resolved_config(pipe, config: PostDiffConfig | Preset | str | None) -> PostDiffConfig:
+    """`config` for `pipe`: a preset named without a family ("paper", or `PostDiffConfig.preset("paper")`) gets
+    the settings of the pipeline's family."""
+    if config is None:
+        return PostDiffConfig()
+    if isinstance(config, str):
+        config = Preset(config)
+    if isinstance(config, Preset):
+        return config.resolve(preset_family(pipe))
+    if not isinstance(config, PostDiffConfig):
+        raise ConfigError(f"config={config!r} is not allowed: expected a PostDiffConfig, a preset name "
+                          f"({', '.join(PRESETS)}) or None")
+    return config
+
+
+def apply(pipe, config: PostDiffConfig | Preset | str | None = None):
+    """Run `pipe(...)` with PostDiff. `config`: a PostDiffConfig, or a preset ("paper", "deepcache", "off")
+    resolved for the pipeline's family. Validates what can be checked without a call; returns `pipe`."""
+    config = resolved_config(pipe, config)
     remove(pipe)
     family = family_for(pipe)
     check_scheduler(pipe.scheduler, config.mixed_resolution)

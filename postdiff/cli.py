@@ -193,12 +193,12 @@ def evaluate(
 ):
     """FD, prompt alignment, MACs and wall time of one configuration, scored as `sweep` scores it: the same
     row, read from the store when already there. The embedded model by default."""
-    from .api import family_name
+    from .api import preset_family
     from .evaluation.sweep import SweepContext, SweepPoint
     from .evaluation.workloads import open_workload
 
     pipe, workload = open_workload(model, prompts, reference, clip_model)
-    point = SweepPoint(build_config(family_name(pipe), **config_flags), steps)
+    point = SweepPoint(build_config(preset_family(pipe), **config_flags), steps)
     context = SweepContext.for_workload(workload, model, per_class=per_class, seed=seed, guidance_scale=guidance_scale)
     [row] = score_in_store(pipe, workload, [point], store, context, Console(stderr=True) if as_json else console)
     if as_json:
@@ -311,7 +311,7 @@ def sweep(
     from .evaluation.sweep import SweepContext, grid
     from .evaluation.workloads import open_workload
 
-    from .api import family_name
+    from .api import preset_family
 
     axes = dict(steps=steps, beta=beta, switch=switch, cache_interval=cache_interval, cache_branch=cache_branch,
                 cfg_stop=cfg_stop, ca_mode=ca_mode, preset=preset, switch_noise=switch_noise,
@@ -323,7 +323,7 @@ def sweep(
     with refused_input():
         points_for("testbed")  # every setting checked before a model loads
         pipe, workload = open_workload(model, prompts, reference, clip_model)
-        points = points_for(family_name(pipe))  # presets of the model's own family
+        points = points_for(preset_family(pipe))  # presets of the model's own family
     context = SweepContext.for_workload(workload, model, per_class=per_class, seed=seed, guidance_scale=guidance_scale)
     rows = score_in_store(pipe, workload, points, store, context, console)
     for row in sorted(rows, key=lambda r: r["macs"]):
@@ -355,7 +355,7 @@ def calibrate(
     """Best configuration under a MACs budget on a small calibration set, confirmed on the full set."""
     from dataclasses import replace
 
-    from .api import family_name
+    from .api import preset_family
     from .evaluation.study import calibrate as run_calibration
     from .evaluation.study import default_candidates
     from .evaluation.sweep import SweepContext, SweepPoint, SweepStore, grid, point_macs
@@ -380,7 +380,7 @@ def calibrate(
     calibration_set = "calibration" if isinstance(workload, FashionClasses) else f"{workload.name} (calibration)"
     calibration = replace(full, prompt_set=calibration_set, per_class=calibration_per_class, seed=1000)
     with progress_bars() as progress:
-        candidates = candidates_for(family_name(pipe), cache_branch=0 if hasattr(pipe, "transformer") else 1)
+        candidates = candidates_for(preset_family(pipe), cache_branch=0 if hasattr(pipe, "transformer") else 1)
         with refused_input():  # the budget or min_alignment may admit no candidate
             result = run_calibration(pipe, workload, SweepStore(store), budget_macs, candidates,
                                      calibration, full, progress, min_alignment)

@@ -120,7 +120,7 @@ class PostDiffConfig:
         return not (self.mixed_resolution or self.deepcache or self.cfg_stop is not None)
 
     @classmethod
-    def preset(cls, name: str, family: str = "sd") -> "PostDiffConfig":
+    def preset(cls, name: str, family: str | None = None) -> "PostDiffConfig | Preset":
         """"off"; "deepcache" (k=2, branch 1 on U-Nets: the paper's DeepCache row; 0 on DiTs); "paper": the
         paper's beta for the family, s=1/2, and the "deepcache" caching (rectified flow: beta and the low phase's
         schedule from the embedded flow model's study, see PAPER_BETA).
@@ -129,10 +129,13 @@ class PostDiffConfig:
         resolution (s=1/2) times DeepCache (k=2), with CFG kept (19.035 x 17.787 / 30.420 = 11.130; the paper's
         "SD v1.5" numbers are SD 2.1's U-Net at 768 px, see README).
         Cross-attention caching is opt-in with `cfg_stop`.
+        Without `family`, a `Preset` that `postdiff.apply` resolves for the pipeline it is applied to.
         """
         _check(name in PRESETS, "preset", name, f"one of {', '.join(PRESETS)}")
         if name == "off":
             return cls()
+        if family is None:
+            return Preset(name)
         _check(family in PAPER_BETA, "family", family, f"one of {', '.join(PAPER_BETA)}")
         branch = 0 if family in DIT_FAMILIES else 1
         if name == "deepcache":
@@ -152,6 +155,22 @@ class PostDiffConfig:
         default = PostDiffConfig()
         parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
         return " ".join(parts) or "off"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset named without a family: its settings depend on the pipeline (`postdiff.apply` resolves it)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _check(self.name in PRESETS, "preset", self.name, f"one of {', '.join(PRESETS)}")
+
+    def resolve(self, family: str) -> PostDiffConfig:
+        return PostDiffConfig.preset(self.name, family=family)
+
+    def describe(self) -> str:
+        return f"preset {self.name!r} (settings of the pipeline's family)"
 
 
 def _is_int(value) -> bool:

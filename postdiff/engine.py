@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from .caching.state import RunState
@@ -85,6 +86,7 @@ class Segment:
     replay: tuple | None = None  # (args, kwargs) of `set_timesteps` to use instead of the pipeline's
     noise_sigma: float | None = None  # `init_noise_sigma` shown (1: the given latents are at their noise level)
     empty: bool = False  # a segment that only decodes (an interrupted call's end)
+    offset: int = 0  # timesteps before the call's first, which the pipeline skips itself (img2img's strength)
     x0: torch.Tensor | None = None  # the x0 of the segment's last step
     low_noise: torch.Tensor | None = None  # the noise the last step's state holds (block switch noise)
 
@@ -104,7 +106,9 @@ class Segment:
         timesteps = self.real.timesteps
         if self.phase is None or timesteps is None:
             return timesteps
-        return timesteps[:0] if self.empty else phase_timesteps(timesteps, self.phase)
+        skipped, planned = timesteps[: self.offset], timesteps[self.offset :]
+        shown = planned[:0] if self.empty else phase_timesteps(planned, self.phase)
+        return torch.cat([skipped, shown]) if self.offset else shown
 
     def set_begin_index(self, begin_index: int = 0):
         self.real.set_begin_index(begin_index + (self.phase.timestep_start if self.phase is not None else 0))
@@ -199,15 +203,42 @@ class Engine:
 
     # -- before the segments
     def precheck(self) -> None:
-        """What the config can refuse from the call's arguments alone, before the probe encodes anything."""
+        """What the config can refuse from the call's arguments alone, before the probe encodes anything: the
+        model's sizes, and the plan of the schedule the step arguments give (the probe's is the one that runs)."""
+        self.family.check_arguments()
         facts = self.family.facts(self.family.latent_hw)
         check_cache_branch(self.config, facts.max_cache_branch, facts.denoiser)
         for scale in (self.config.beta if self.config.mixed_resolution else 1.0, *(s for s, _ in self.config.progressive)):
             latent_size(scale, facts)
+        timesteps = self.estimated_timesteps()
+        if timesteps is not None and len(timesteps) > 0:  # none left: the pipeline's own checks say why
+            self.family.check_plan(make_plan(self.config, len(timesteps), facts))
         if self.config.mixed_resolution and self.arguments.get("latents") is not None:
             raise ConfigError("latents= cannot be given with mixed resolution (switch > 0): the low-resolution phase draws "
                               "noise of its own size; pass a generator instead, or switch=0")
         self.traits = check_scheduler(self.scheduler, self.config.mixed_resolution or self.trajectory is not None)
+
+    def estimated_timesteps(self) -> torch.Tensor | None:
+        """The timesteps the call's `num_inference_steps` / `timesteps` / `sigmas` give on a copy of the scheduler
+        (diffusers' `retrieve_timesteps`, as the pipelines call it), cut as the adapter plans them; None where the
+        pipeline's schedule takes more than these (the probe then finds it)."""
+        a = self.arguments
+        scheduler = copy.deepcopy(self.scheduler)
+        extra = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting", False) else {}  # mu moves no count
+        try:
+            retrieve_timesteps(scheduler, a.get("num_inference_steps"), "cpu", a.get("timesteps"), a.get("sigmas"), **extra)
+        except (TypeError, ValueError):
+            return None
+        with self.scheduler_installed(Segment(scheduler, self, None)):
+            return self.family.planned_timesteps(scheduler.timesteps)
+
+    @contextlib.contextmanager
+    def scheduler_installed(self, segment: Segment):
+        self.pipe.__dict__["scheduler"] = stand_in(segment)
+        try:
+            yield
+        finally:
+            self.pipe.__dict__["scheduler"] = self.scheduler
 
     def probe(self) -> torch.Tensor:
         """The call's timesteps, from the pipeline's own call stopped at its `set_timesteps`."""
@@ -270,11 +301,19 @@ class Engine:
 
         return memoized
 
-    def run_call(self, segment: Segment, arguments: dict):
-        """One call of the pipeline's own `__call__` with `segment`'s stand-in as its scheduler."""
-        self.pipe.__dict__["scheduler"] = stand_in(segment)
+    def run_call(self, segment: Segment, arguments: dict, methods: dict | None = None):
+        """One call of the pipeline's own `__call__` with `segment`'s stand-in as its scheduler and the adapter's
+        `methods` in place of the pipeline's own for this call (how latents enter where no `latents=` does)."""
+        pipe = self.pipe
+        pipe.__dict__["scheduler"] = stand_in(segment)
         self.memo_calls = dict.fromkeys(MEMOIZED, 0)
-        return self.call(self.pipe, **flattened(arguments))
+        methods = methods or {}
+        pipe.__dict__.update(methods)
+        try:
+            return self.call(pipe, **flattened(arguments))
+        finally:
+            for name in methods:
+                pipe.__dict__.pop(name, None)
 
     def run_segments(self, plan: StepPlan):
         pristine = copy.deepcopy(self.scheduler) if len(plan.phases) > 1 else None
@@ -287,7 +326,8 @@ class Engine:
             previous = self.segment(index, phase, real, last)
             self.step_index = phase.first_step
             self.enter_step()
-            output = self.run_call(previous, self.segment_arguments(phase, last, latents))
+            methods = self.family.segment_methods(phase, index == 0, latents)
+            output = self.run_call(previous, self.segment_arguments(phase, last, latents), methods)
             if last:
                 return output
             if self.interrupted():
@@ -317,9 +357,9 @@ class Engine:
         """Later segments begin at their first timestep, from latents already at their noise level; a lower
         segment with `low_res_shift="full"` replays the requested size's `set_timesteps` arguments."""
         replay = self.schedule_call if not last and self.config.low_res_shift == "full" else None
-        later = index > 0
-        return Segment(real, self, phase, begin=phase.timestep_start if later else None, replay=replay,
-                       noise_sigma=1.0 if later else None)
+        later, offset = index > 0, self.family.begin_offset
+        return Segment(real, self, phase, begin=offset + phase.timestep_start if later else None, replay=replay,
+                       noise_sigma=1.0 if later else None, offset=offset)
 
     def interrupted(self) -> bool:
         return bool(getattr(self.pipe, "_interrupt", False))
@@ -329,9 +369,12 @@ class Engine:
         segment of no steps."""
         final = self.plan.phases[-1]
         latents = resize(self.family.spatial_latents(output[0], phase.latent_hw), final.latent_hw)
-        segment = Segment(copy.deepcopy(pristine), self, final, begin=final.timestep_start, noise_sigma=1.0, empty=True)
-        arguments = self.family.segment_arguments(self.arguments, final, True, self.family.pipeline_latents(latents), False)
-        result = self.run_call(segment, arguments)
+        offset = self.family.begin_offset
+        segment = Segment(copy.deepcopy(pristine), self, final, begin=offset + final.timestep_start, noise_sigma=1.0,
+                          empty=True, offset=offset)
+        latents = self.family.pipeline_latents(latents)
+        arguments = self.family.segment_arguments(self.arguments, final, True, latents, False)
+        result = self.run_call(segment, arguments, self.family.segment_methods(final, False, latents))
         self.pipe._interrupt = True  # as a plain interrupted call leaves it
         return result
 
@@ -372,9 +415,10 @@ class Engine:
         noise = randn_tensor(x0.shape, generator=self.arguments.get("generator"), device=x0.device, dtype=x0.dtype)
         if self.config.switch_noise == "block":
             noise = block_noise(noise, self.family.spatial_latents(low.low_noise, low.phase.latent_hw))
+        begin = self.family.begin_offset + phase.timestep_start  # an index into the scheduler's own timesteps
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(phase.timestep_start)
-        t = scheduler.timesteps[phase.timestep_start : phase.timestep_start + 1]
+            scheduler.set_begin_index(begin)
+        t = scheduler.timesteps[begin : begin + 1]
         renoised = self.traits.forward_diffuse(scheduler, x0, noise, t)
         return self.family.pipeline_latents(renoised.to(x0.dtype))
 

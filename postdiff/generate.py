@@ -59,8 +59,8 @@ def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model
     if warning:
         console.print("[yellow]warning:[/yellow] " + escape(warning))  # a prompt may hold [markup]
     pipe, default_guidance = load_pipeline(model)
-    config = build_config(api.family_name(pipe), **config_flags) if any(v is not None for v in config_flags.values()) \
-        else PostDiffConfig.preset("paper", family=api.family_name(pipe))
+    config = build_config(api.preset_family(pipe), **config_flags) if any(v is not None for v in config_flags.values()) \
+        else PostDiffConfig.preset("paper", family=api.preset_family(pipe))
     arguments = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images,
                      num_inference_steps=steps, guidance_scale=guidance_scale or default_guidance)
     with api.applied(pipe, config):

@@ -41,6 +41,7 @@ class Family:
     """One pipeline call of a model family. Created per call, so nothing survives from one call to the next."""
 
     name = "base"
+    preset_family: str | None = None  # whose paper settings the presets give (config.PAPER_BETA); None: `name`
     pipeline_names: tuple[str, ...] = ()
     unsupported_arguments: tuple[str, ...] = ()  # arguments PostDiff refuses when they are not None
     denoiser_attribute = "unet"  # the pipeline component that denoises
@@ -176,6 +177,9 @@ class Family:
         return output[0]
 
     # -- the engine's adapter: how a segment's call differs from the user's
+    def check_arguments(self) -> None:
+        """Refuse, before anything runs, what the pipeline itself would refuse only after encoding."""
+
     def after_probe(self) -> None:
         """The pipeline's call has run up to its schedule: fields it set (its guidance scale) can be read."""
 
@@ -190,13 +194,18 @@ class Family:
         segment = dict(arguments)
         if phase.scale != 1.0:
             segment.update(self.segment_size(phase))
-        if latents is not None:
+        if latents is not None and "latents" in self.args:  # else `segment_methods` brings them in
             segment["latents"] = latents
         if not last:
             segment.update(output_type="latent", return_dict=False)
         if "guidance_rescale" in segment and not guided:
             segment["guidance_rescale"] = 0.0
         return segment
+
+    def segment_methods(self, phase, first: bool, latents) -> dict:
+        """Pipeline methods replaced for one segment's call (name -> function): how the segment's latents enter a
+        pipeline without `latents=` (img2img: its `prepare_latents`), how its conditioning is made at its size."""
+        return {}
 
     def segment_size(self, phase) -> dict:
         """Call arguments that make the pipeline denoise at the phase's latent size."""

@@ -166,6 +166,7 @@ def _aligned_windows(start, end, nets: int) -> tuple[list[float], list[float]]:
 @register
 class StableDiffusionControlNetFamily(ControlNetMixin, StableDiffusionFamily):
     name = "sd-controlnet"
+    preset_family = "sd"
     pipeline_names = ("StableDiffusionControlNetPipeline",)
 
     def __init__(self, pipe, arguments: dict):
@@ -183,6 +184,7 @@ class StableDiffusionControlNetFamily(ControlNetMixin, StableDiffusionFamily):
 @register
 class StableDiffusionXLControlNetFamily(ControlNetMixin, StableDiffusionXLFamily):
     name = "sdxl-controlnet"
+    preset_family = "sdxl"
     pipeline_names = ("StableDiffusionXLControlNetPipeline",)
 
     def __init__(self, pipe, arguments: dict):

@@ -36,6 +36,8 @@ class PhaseConditioning:
 @register
 class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
     name = "sd-inpaint"
+    preset_family = "sd"
+    engine = False  # still the mirrored loop (postdiff/sampler.py)
     pipeline_names = ("StableDiffusionInpaintPipeline",)
     unsupported_arguments = StableDiffusionFamily.unsupported_arguments + ("padding_mask_crop",)
 

@@ -131,6 +131,7 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     """`LatentConsistencyModelPipeline`: no CFG (guidance is an embedding), decodes the last `denoised`."""
 
     name = "lcm"
+    preset_family = "sd"
     pipeline_names = ("LatentConsistencyModelPipeline",)
 
     @property
@@ -192,8 +193,8 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
     (an image given as latents is area-resized directly)."""
 
     name = "sd-img2img"
+    preset_family = "sd"
     pipeline_names = ("StableDiffusionImg2ImgPipeline",)
-    engine = False  # still the mirrored loop (postdiff/sampler.py)
 
     def __init__(self, pipe, arguments: dict):
         Family.__init__(self, pipe, arguments)
@@ -226,6 +227,44 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
         self.latent_timestep = timesteps[:1]
         pipe._num_timesteps = len(timesteps)
         return timesteps
+
+    def planned_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The strength's last timesteps; `begin_offset` counts those the pipeline skips."""
+        planned = self.start_timesteps(len(timesteps))
+        self.begin_offset = len(timesteps) - len(planned)
+        return planned
+
+    def segment_size(self, phase) -> dict:
+        return {}  # the image (or latents) sets the size
+
+    def segment_methods(self, phase, first: bool, latents) -> dict:
+        """`get_timesteps`: the segment's timesteps (the plan has applied the strength, or SDXL's `denoising_start`,
+        once: counted again on a segment's timesteps it would cut them). `prepare_latents`: the first segment
+        encodes the init image at its size (area-downscaled at low resolution) with the pipeline's own; later
+        ones start from the switch's latents."""
+        methods = {"get_timesteps": self.segment_timesteps}
+        if not first:
+            if "latents" not in self.args:
+                methods["prepare_latents"] = lambda *args, **kwargs: latents
+        elif phase.latent_hw != self.latent_hw:
+            prepare = self.pipe.prepare_latents
+            methods["prepare_latents"] = lambda image, *args, **kwargs: prepare(
+                self.resized_image(image, phase.latent_hw), *args, **kwargs)
+        return methods
+
+    def segment_timesteps(self, *args, **kwargs):
+        """The pipeline's `get_timesteps` in a segment: the timesteps shown after the skipped ones, the scheduler
+        begun there (the stand-in maps the index into the real scheduler's tables)."""
+        scheduler = self.pipe.scheduler
+        timesteps = scheduler.timesteps[self.begin_offset :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(self.begin_offset)
+        return timesteps, len(timesteps)
+
+    def resized_image(self, image: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The preprocessed image (or latents) area-resized to `latent_hw` latents: an anti-aliased downscale."""
+        factor = 1 if image.shape[1] == 4 else self.pipe.vae_scale_factor
+        return F.interpolate(image, size=(latent_hw[0] * factor, latent_hw[1] * factor), mode="area")
 
     def start_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """The pipeline's `get_timesteps` (it also sets the scheduler's begin index): the strength's last steps."""

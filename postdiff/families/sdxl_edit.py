@@ -50,7 +50,11 @@ class StableDiffusionXLEditMixin:
         pipe, a = self.pipe, self.args
         pipe._guidance_rescale = a["guidance_rescale"]
         pipe._denoising_start, pipe._denoising_end = a["denoising_start"], a["denoising_end"]
-        start, end = a["denoising_start"], a["denoising_end"]
+        self.check_arguments()
+
+    def check_arguments(self) -> None:
+        """The pipeline's check of `denoising_start` against `denoising_end`, which it makes after encoding."""
+        start, end = self.args["denoising_start"], self.args["denoising_end"]
         if denoising_value_valid(start) and denoising_value_valid(end) and start >= end:
             raise ValueError(f"`denoising_start`: {start} cannot be larger than or equal to `denoising_end`:  {end} when using type float.")
 
@@ -58,6 +62,10 @@ class StableDiffusionXLEditMixin:
         start = self.args["denoising_start"]
         start = start if denoising_value_valid(start) else None
         return self.pipe.get_timesteps(num_inference_steps, self.args["strength"], self.device, denoising_start=start)[0]
+
+    def planned_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The start's timesteps (`begin_offset` skipped), then the end's cut."""
+        return until_denoising_end(self.pipe.scheduler, super().planned_timesteps(timesteps), self.args["denoising_end"])
 
     def timesteps(self) -> torch.Tensor:
         """The start's timesteps (its first noises the init latents, its offset is the re-entry's), then the end's cut."""
@@ -108,7 +116,9 @@ class StableDiffusionXLImg2ImgFamily(StableDiffusionXLEditMixin, StableDiffusion
     are the start itself (the pipeline skips `prepare_latents`) and set the size."""
 
     name = "sdxl-img2img"
+    preset_family = "sdxl"
     pipeline_names = ("StableDiffusionXLImg2ImgPipeline",)
+    engine = True
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -136,6 +146,7 @@ class StableDiffusionXLInpaintFamily(StableDiffusionXLEditMixin, StableDiffusion
     """Per-phase conditioning at each resolution, 9- and 4-channel U-Nets, as SD inpainting."""
 
     name = "sdxl-inpaint"
+    preset_family = "sdxl"
     pipeline_names = ("StableDiffusionXLInpaintPipeline",)
 
     def check_plan(self, plan) -> None:
