@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import randn_tensor, unwrap_module
 
-from .caching.state import RunState
+from .caching.guidance import SeparatePassGate
+from .caching.state import PASS_NAMES, RunState
 from .compiling import check_recompile_limit
 from .config import ConfigError, PostDiffConfig
 from .plan import Phase, StepPlan, check_cache_branch, latent_size, make_plan
@@ -258,7 +259,7 @@ class Engine:
         facts = self.family.facts(self.family.latent_hw)
         plan = make_plan(self.config, len(timesteps), facts, do_cfg=self.family.do_cfg)
         self.family.check_plan(plan)
-        check_recompile_limit(getattr(self.pipe, self.family.denoiser_attribute), plan, self.family.cfg_passes)
+        check_recompile_limit(self.denoiser, plan, self.family.cfg_passes)
         return plan
 
     # -- the call
@@ -266,6 +267,7 @@ class Engine:
         with self.call_scope():
             self.plan = plan = self.prepare()
             family = self.family
+            family.planned_steps = len(plan)
             self.state.begin(family.num_images, float(family.guidance_scale), cfg_call=family.do_cfg,
                              cfg_passes=family.cfg_passes)
             with self.pipe.progress_bar(total=len(plan)) as progress:
@@ -280,13 +282,39 @@ class Engine:
         for name in MEMOIZED:
             if hasattr(pipe, name):
                 pipe.__dict__[name] = self._memoized(name, getattr(pipe, name))
+        attribute = self.family.denoiser_attribute
+        self.denoiser = getattr(pipe, attribute)
+        module = unwrap_module(self.denoiser)
+        named_passes = self.family.cfg_passes == 2 and hasattr(module, "cache_context")
+        if named_passes:
+            module.__dict__["cache_context"] = self._named_pass(type(module).cache_context.__get__(module))
+            pipe.__dict__[attribute] = SeparatePassGate(self.denoiser, self.state)
         try:
             yield
         finally:
             for name in (*MEMOIZED, PROGRESS):
                 pipe.__dict__.pop(name, None)
+            if named_passes:
+                module.__dict__.pop("cache_context", None)
+                pipe.__dict__[attribute] = self.denoiser
             pipe.__dict__["scheduler"] = self.scheduler
             self.state.reset()
+
+    def _named_pass(self, cache_context):
+        """diffusers' `cache_context(name)`, which pipelines with separate CFG passes enter around each pass ("cond",
+        "uncond"), also naming the pass for PostDiff's caches (outside any compiled region)."""
+        state = self.state
+
+        @contextlib.contextmanager
+        def named(name: str):
+            state.pass_name = PASS_NAMES[1] if name == "uncond" else PASS_NAMES[0]
+            try:
+                with cache_context(name):
+                    yield
+            finally:
+                state.pass_name = PASS_NAMES[0]
+
+        return named
 
     def _memoized(self, name: str, method):
         results = self.memo.setdefault(name, [])
@@ -391,7 +419,7 @@ class Engine:
             sample, model_output, t = arguments["sample"], arguments["model_output"], arguments["timestep"]
             x0 = self.traits.x0(segment.real, sample, model_output, t, output).to(sample.dtype)
             if self.trajectory is not None:
-                self.trajectory.append(x0)
+                self.trajectory.append(self.family.spatial_latents(x0, segment.phase.latent_hw))
             if last_of_phase and lower:
                 segment.x0 = x0
                 if self.config.switch_noise == "block":

@@ -207,3 +207,26 @@ def test_the_feature_reaches_the_low_resolution_segment(model_dir):
     pipe.set_ip_adapter_scale(0.0)
     assert not np.array_equal(call(pipe, **arguments), with_adapter)
     assert seen[:8] == [64] * 4 + [256] * 4  # 8x8 latent tokens at low resolution, then 16x16
+
+
+def test_sd3_skip_layer_guidance_runs_under_postdiff_outside_the_caches(model_dir):
+    """The extra skip-layer pass (`skip_layers`) runs the plain transformer: the block cache's state is the
+    guided passes' only, so the cached steps are those of a call without skip-layer guidance pass for pass."""
+    from test_flow import call as flow_call
+    from test_flow import sd3_pipeline
+
+    guidance = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.6)
+    pipe = sd3_pipeline(model_dir)
+    plain = flow_call(pipe, **guidance)
+    assert not np.array_equal(plain, flow_call(pipe))
+    postdiff.apply(pipe, PostDiffConfig())
+    np.testing.assert_array_equal(flow_call(pipe, **guidance), plain)
+    postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5, cache_interval=2, cfg_stop=6))
+    batches = []
+    pipe.transformer.pos_embed.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    first, second = flow_call(pipe, **guidance), flow_call(pipe, **guidance)
+    np.testing.assert_array_equal(first, second)
+    assert np.isfinite(first).all() and np.abs(first - plain).max() > 1e-4
+    # 8 steps, 4 of them at low resolution: CFG (batch 2) until the stop at 6, then 1; the skip-layer pass
+    # (batch 1) on the steps 0 < i < 4.8 of the call, in both segments; two calls.
+    assert batches == ([2] + [2, 1] * 4 + [2] + [1, 1]) * 2

@@ -4,9 +4,13 @@ guiding, and after the stop the guidance it computes is exactly the conditional 
 - One [uncond, cond] batch a step (SD, SDXL, PixArt, SD3): after the stop the denoiser runs on the conditional
   half of every batched input and returns its output twice, so `uncond + s * (cond - uncond)` is `cond` to the
   bit (x - x = 0) and the step costs one conditional pass.
-- Separate passes (FLUX's true CFG: conditional, then unconditional): each pass is named for the caches that
-  keep state per pass (`RunState.pass_name`); after the stop the second pass is not run and returns the first
-  pass's output, so `neg + s * (cond - neg)` is `cond`.
+- Separate passes (FLUX's true CFG: conditional, then unconditional, each in diffusers' `cache_context`): the
+  engine names each pass where the pipeline enters its context (`RunState.pass_name`, for the caches that keep
+  state per pass), and after the stop answers the unconditional pass with the conditional pass's output
+  (`SeparatePassGate`), so `neg + s * (cond - neg)` is `cond`. Both happen outside the denoiser, so a compiled
+  denoiser is not traced for a pass that does not run.
+- Extra guidance passes the plan does not count (SD3's skip-layer guidance: a call with `skip_layers`) run the
+  plain model, outside the step's caches, whose state they would otherwise overwrite.
 """
 
 from __future__ import annotations
@@ -24,29 +28,45 @@ class GuidanceHook(Hook):
 
     def new_forward(self, module, forward, *args, **kwargs):
         state, step = self.state, self.state.step
-        if step is None or not state.cfg_call:
-            return forward(*args, **kwargs)
-        if state.cfg_passes == 2:
-            return self.separate_pass(forward, step.cfg, *args, **kwargs)
-        if step.cfg:
+        if step is not None and kwargs.get("skip_layers") is not None:
+            return self.outside_the_caches(forward, *args, **kwargs)
+        if step is None or not state.cfg_call or state.cfg_passes == 2 or step.cfg:
             return forward(*args, **kwargs)
         n = state.num_images
         return doubled(forward(*batch_half(args, n), **batch_half(kwargs, n)))
 
-    def separate_pass(self, forward, guided: bool, *args, **kwargs):
+    def outside_the_caches(self, forward, *args, **kwargs):
         state = self.state
-        index = state.pass_index
-        state.pass_index += 1
-        if index > 0 and not guided:
-            return state.conditional_output
-        state.pass_name = PASS_NAMES[min(index, 1)]
+        step, state.step = state.step, None
         try:
-            output = forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         finally:
-            state.pass_name = ""
-        if index == 0 and not guided:
-            state.conditional_output = output
-        return output
+            state.step = step
+
+class SeparatePassGate:
+    """The denoiser as a pipeline with separate CFG passes sees it during an engine call: every attribute is the
+    denoiser's; a call in the unconditional pass of a step after the CFG stop returns the step's conditional
+    output without running anything."""
+
+    def __init__(self, denoiser, state: RunState):
+        object.__setattr__(self, "_denoiser", denoiser)
+        object.__setattr__(self, "_state", state)
+
+    def __call__(self, *args, **kwargs):
+        state = self._state
+        step = state.step
+        if step is None or step.cfg or not state.cfg_call:
+            return self._denoiser(*args, **kwargs)
+        if state.pass_name == PASS_NAMES[1]:
+            return state.conditional_output
+        state.conditional_output = self._denoiser(*args, **kwargs)
+        return state.conditional_output
+
+    def __getattr__(self, name: str):
+        return getattr(self._denoiser, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._denoiser, name, value)
 
 
 def batch_half(value, num_images: int):

@@ -54,7 +54,6 @@ class RunState:
     pass_name: str = ""  # which denoiser pass of a step runs (PASS_NAMES)
     cfg_call: bool = False  # the call guides with CFG (its steps before the CFG stop)
     cfg_passes: int = 1  # denoiser passes of a CFG step: 1 (one [uncond, cond] batch) or 2 (FLUX's true CFG)
-    pass_index: int = 0  # denoiser passes run so far in the current step
     conditional_output: object = None  # the step's conditional pass output, where a second pass reuses it
     # name -> Slot. DeepCache: a module's output of the last full step; block caching: the span's residual.
     deep: dict = field(default_factory=dict)
@@ -75,7 +74,7 @@ class RunState:
         self.step = None
         self.latent_hw = None
         self.pass_name = ""
-        self.pass_index, self.conditional_output = 0, None
+        self.conditional_output = None
         self.reset_deep_cache()
         _empty(self.cross_attention)
 
@@ -88,7 +87,7 @@ class RunState:
         if step.cross_attention == "cached":
             self.align_cross_attention(step.latent_hw)
         self.step, self.latent_hw = step, step.latent_hw
-        self.pass_index, self.conditional_output = 0, None
+        self.conditional_output = None
 
     def reset_deep_cache(self) -> None:
         """The deep features have the old spatial size after a resolution switch: drop them."""

@@ -64,10 +64,10 @@ class Family:
     @classmethod
     def install_caches(cls, pipe, config, state) -> None:
         """Validate `config` against the pipeline's models, then install the caches it needs on them; under the
-        engine the guidance hook outermost (the CFG stop, and the passes of separate-pass CFG)."""
+        engine the guidance hook outermost (the CFG stop, the passes of separate-pass CFG, extra guidance passes)."""
         denoiser = getattr(pipe, cls.denoiser_attribute)
         cls.kind().install_caches(denoiser, config, state)
-        if cls.engine and (config.cfg_stop is not None or (cls.cfg_passes == 2 and not config.is_off)):
+        if cls.engine and not config.is_off:
             apply_guidance_hook(denoiser, state)
 
     def __init__(self, pipe, arguments: dict):
@@ -77,6 +77,7 @@ class Family:
         self.denoised = None  # the scheduler's x0 of the last step, where it gives one (LCM)
         self.state = None  # the call's RunState (set by the sampler): families with several passes a step name them
         self.begin_offset = 0  # scheduler timesteps before the call's first (img2img's strength skips them)
+        self.planned_steps = None  # steps of the call's plan (set by the engine before its segments)
 
     @property
     def eta(self):

@@ -35,7 +35,7 @@ class ControlNetMixin:
     """ControlNet residuals for a U-Net family's `denoise`; mixed in before the family (SD or SDXL)."""
 
     engine = False  # still the mirrored loop (postdiff/sampler.py)
-
+    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")  # not in its mirror
 
     @classmethod
     def cached_models(cls, pipe) -> list[torch.nn.Module]:

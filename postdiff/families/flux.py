@@ -36,8 +36,6 @@ class FluxFamily(Family):
     engine = True
     cfg_passes = 2  # true CFG: a conditional pass, then an unconditional one
     pipeline_names = ("FluxPipeline",)
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
-                             "negative_ip_adapter_image_embeds")
     denoiser_attribute = "transformer"
     denoiser_kind = "flux"
     max_text_length = 512  # the pipeline's default max_sequence_length (T5)

@@ -39,7 +39,7 @@ class StableDiffusionInpaintFamily(StableDiffusionImg2ImgFamily):
     preset_family = "sd"
     engine = False  # still the mirrored loop (postdiff/sampler.py)
     pipeline_names = ("StableDiffusionInpaintPipeline",)
-    unsupported_arguments = StableDiffusionFamily.unsupported_arguments + ("padding_mask_crop",)
+    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "padding_mask_crop")  # not in its mirror
 
     def __init__(self, pipe, arguments: dict):
         StableDiffusionFamily.__init__(self, pipe, arguments)

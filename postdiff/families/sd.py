@@ -20,7 +20,6 @@ class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_names = ("StableDiffusionPipeline",)
     engine = True
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds")
 
     def __init__(self, pipe, arguments: dict):
         super().__init__(pipe, arguments)

@@ -27,7 +27,6 @@ class StableDiffusion3Family(Family):
     name = "sd3"
     pipeline_names = ("StableDiffusion3Pipeline",)
     engine = True
-    unsupported_arguments = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
     denoiser_attribute = "transformer"
     denoiser_kind = "sd3"
     max_text_length = 77 + 256  # CLIP tokens, then T5's max_sequence_length
@@ -82,6 +81,17 @@ class StableDiffusion3Family(Family):
             return scheduler, self.set_schedule(scheduler, self.shift_mu(latent_hw))
         scheduler = type(self.pipe.scheduler).from_config(config, shift=config.shift * latent_hw[0] / self.latent_hw[0])
         return scheduler, self.set_schedule(scheduler, None)
+
+    def segment_arguments(self, arguments: dict, phase, last: bool, latents, guided: bool) -> dict:
+        """Skip-layer guidance runs on the steps i with start * m < i < stop * m, i counted in the segment and m
+        the pipeline's `num_inference_steps` (the call's, or the segment's timesteps where `sigmas` are given):
+        remapped so that they are the call's steps (global index, the call's step count)."""
+        segment = super().segment_arguments(arguments, phase, last, latents, guided)
+        if arguments.get("skip_guidance_layers") is not None:
+            multiplier = phase.num_steps if arguments.get("sigmas") is not None else arguments["num_inference_steps"]
+            for name in ("skip_layer_guidance_start", "skip_layer_guidance_stop"):
+                segment[name] = (arguments[name] * self.planned_steps - phase.first_step) / multiplier
+        return segment
 
     def own_scheduler(self, scheduler, phase):
         """Dynamic shifting: a fresh copy (the pipeline's mu follows the segment's token count). A static shift:
