@@ -22,7 +22,6 @@ from .config import PRESETS, ConfigError, PostDiffConfig, Preset
 from .families import family_for
 from .families.base import Family
 from .engine import Engine, shared_progress_bar
-from .sampler import Sampler
 from .schedulers import check_scheduler
 
 
@@ -122,24 +121,21 @@ def config_of(pipe) -> PostDiffConfig | None:
     return patch.config if patch is not None else None
 
 
-def _runner(pipe, args, kwargs, trajectory: list | None = None) -> Engine | Sampler:
-    """The engine (or, for a family not moved to it yet, its mirrored Sampler) for one call, its arguments bound
-    to the pipeline's own signature (defaults applied)."""
+def _runner(pipe, args, kwargs, trajectory: list | None = None) -> Engine:
+    """The engine for one call, its arguments bound to the pipeline's own signature (defaults applied)."""
     patch: Patch = pipe.__dict__["_postdiff"]
     bound = inspect.signature(patch.reference_call()).bind(pipe, *args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     arguments.pop("self", None)
     family = patch.family(pipe, arguments)
-    if not family.engine:
-        return Sampler(family, patch.config, patch.state, trajectory)
     family.state = patch.state
     return Engine(pipe, family, patch.config, patch.state, patch.original_class.__call__, arguments, trajectory)
 
 
 def _postdiff_call(self, *args, **kwargs):
     patch: Patch = self.__dict__["_postdiff"]
-    if patch.config.is_off and patch.family.engine:
+    if patch.config.is_off:
         return patch.original_class.__call__(self, *args, **kwargs)  # "off" is one plain call
     with torch.no_grad():
         return _runner(self, args, kwargs)()
@@ -150,8 +146,6 @@ def plan_call(pipe, *args, **kwargs):
     pipeline: it is planned on a view of it (its own fields, a copy of the scheduler, the same modules). Under
     the engine the pipeline's own call runs up to its schedule (input checks, prompt encoding) on the view."""
     runner = _runner(_planning_view(pipe), args, kwargs)
-    if isinstance(runner, Sampler):
-        return runner.prepare()
     with torch.no_grad(), runner.call_scope():
         return runner.prepare()
 

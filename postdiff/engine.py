@@ -254,7 +254,6 @@ class Engine:
         """Everything that can refuse the call, then the plan (the probe has run the pipeline's own checks)."""
         self.precheck()
         timesteps = self.probe()
-        self.family.after_probe()
         timesteps = self.family.planned_timesteps(timesteps)
         facts = self.family.facts(self.family.latent_hw)
         plan = make_plan(self.config, len(timesteps), facts, do_cfg=self.family.do_cfg)
@@ -432,6 +431,7 @@ class Engine:
             return
         step = self.plan.steps[self.step_index]
         self.state.enter(step)
+        self.family.enter_step(step)
         if not step.cfg and getattr(self.pipe, "_guidance_rescale", 0.0):
             self.pipe._guidance_rescale = 0.0  # after the stop the conditional output is not rescaled, as without CFG
 
@@ -443,6 +443,7 @@ class Engine:
         noise = randn_tensor(x0.shape, generator=self.arguments.get("generator"), device=x0.device, dtype=x0.dtype)
         if self.config.switch_noise == "block":
             noise = block_noise(noise, self.family.spatial_latents(low.low_noise, low.phase.latent_hw))
+        self.family.switch_noise = noise
         begin = self.family.begin_offset + phase.timestep_start  # an index into the scheduler's own timesteps
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin)

@@ -100,13 +100,28 @@ def test_a_callback_replacing_the_control_image_is_followed_as_by_the_pipeline(m
     assert_off_is_exact(controlnet_pipeline(model_dir), callback_on_step_end=replace, callback_on_step_end_tensor_inputs=["latents", "image"])
 
 
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
 def record_controlnet_inputs(controlnet) -> tuple[list, object]:
+    """The sample and control image each ControlNet call really runs on (seen by its first layers, inside the
+    CFG stop's hook, which hands it the conditional half)."""
     seen = []
 
-    def hook(module, args, kwargs):
-        seen.append({"sample": (args[0] if args else kwargs["sample"]).shape, "cond": kwargs["controlnet_cond"].clone()})
+    def sample(module, args):
+        seen.append({"sample": args[0].shape})
 
-    return seen, controlnet.register_forward_pre_hook(hook, with_kwargs=True)
+    def cond(module, args):
+        seen[-1]["cond"] = args[0].clone()
+
+    return seen, _Handles(controlnet.conv_in.register_forward_pre_hook(sample),
+                          controlnet.controlnet_cond_embedding.register_forward_pre_hook(cond))
 
 
 def test_the_low_resolution_phase_gets_the_area_downscaled_control_image(model_dir):

@@ -235,8 +235,9 @@ def _known(pipe, size: int, latent_size: int) -> torch.Tensor:
 
 
 def test_four_channel_inpainting_keeps_the_known_region_at_each_resolution(model_dir):
-    """At the last low-resolution step the known region is the small image's latents noised to the switch's
-    timestep; at the end it is the full image's own latents."""
+    """At the last low-resolution step the known region is the small image's own latents (the pipeline's loop
+    leaves them so at a segment's last step; the switch re-noises the step's x0, not these latents); at the end
+    it is the full image's own latents."""
     pipe = postdiff.apply(inpaint_pipeline(model_dir, 4, "ddim"), MIXED)
     steps = []
     latents = images(inpaint(pipe, strength=1.0, output_type="latent", callback_on_step_end=lambda p, i, t, k: steps.append(k["latents"]) or k))
@@ -247,11 +248,11 @@ def test_four_channel_inpainting_keeps_the_known_region_at_each_resolution(model
     pipe._encode_vae_image(small * (pipe.mask_processor.preprocess(mask_image(), height=16, width=16) < 0.5), generator=replay)
     randn_tensor((1, 4, 16, 16), generator=replay)  # the switch's noise, then the full-resolution image latents
     full_latents = pipe._encode_vae_image(pipe.image_processor.preprocess(init_image(), height=32, width=32), generator=replay)
-    switch_t = pipe.scheduler.timesteps[4:5]
-    noised = pipe.scheduler.add_noise(small_latents, small_noise, switch_t)
+    noised = pipe.scheduler.add_noise(small_latents, small_noise, pipe.scheduler.timesteps[3:4])
     keep_small, keep_full = _known(pipe, 16, 8), _known(pipe, 32, 16)
     assert steps[3].shape == (1, 4, 8, 8) and keep_small.any() and not keep_small.all()
-    torch.testing.assert_close(steps[3][keep_small], noised[keep_small])
+    torch.testing.assert_close(steps[2][keep_small], noised[keep_small])  # noised to the next step's timestep
+    torch.testing.assert_close(steps[3][keep_small], small_latents[keep_small])
     torch.testing.assert_close(latents[keep_full], full_latents[keep_full])
 
 

@@ -33,6 +33,9 @@ class GuidanceHook(Hook):
         if step is None or not state.cfg_call or state.cfg_passes == 2 or step.cfg:
             return forward(*args, **kwargs)
         n = state.num_images
+        sample = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(sample, torch.Tensor) or sample.shape[0] != 2 * n:
+            return forward(*args, **kwargs)  # a conditional batch already (a ControlNet in guess mode)
         return doubled(forward(*batch_half(args, n), **batch_half(kwargs, n)))
 
     def outside_the_caches(self, forward, *args, **kwargs):
@@ -90,6 +93,19 @@ def doubled(output):
     if isinstance(output, (list, tuple)):
         return type(output)(doubled(item) for item in output)
     return output
+
+
+class ControlWindowHook(Hook):
+    """A ControlNet's `conditioning_scale` of the call's step (`RunState.control_scale`): the pipeline computes its
+    guidance window from the step index and count of the segment it runs, the engine from the call's."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    def new_forward(self, module, forward, *args, **kwargs):
+        if self.state.step is not None and self.state.control_scale is not None:
+            kwargs["conditioning_scale"] = self.state.control_scale
+        return forward(*args, **kwargs)
 
 
 def apply_guidance_hook(model: torch.nn.Module, state: RunState) -> None:

@@ -55,6 +55,7 @@ class RunState:
     cfg_call: bool = False  # the call guides with CFG (its steps before the CFG stop)
     cfg_passes: int = 1  # denoiser passes of a CFG step: 1 (one [uncond, cond] batch) or 2 (FLUX's true CFG)
     conditional_output: object = None  # the step's conditional pass output, where a second pass reuses it
+    control_scale: object = None  # the ControlNet conditioning scale of the current step (a float or a list)
     # name -> Slot. DeepCache: a module's output of the last full step; block caching: the span's residual.
     deep: dict = field(default_factory=dict)
     # name -> Slot: a cross-attention module's CrossAttentionEntry, or a joint block's text-stream record.
@@ -74,7 +75,7 @@ class RunState:
         self.step = None
         self.latent_hw = None
         self.pass_name = ""
-        self.conditional_output = None
+        self.conditional_output = self.control_scale = None
         self.reset_deep_cache()
         _empty(self.cross_attention)
 

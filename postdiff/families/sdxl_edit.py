@@ -21,7 +21,6 @@ image given as latents cannot be preprocessed at the phase's size (the image pro
 from __future__ import annotations
 
 import torch
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from ..config import ConfigError
 from .base import register
@@ -42,18 +41,9 @@ def denoising_value_valid(value) -> bool:
 class StableDiffusionXLEditMixin:
     """What SDXL img2img and inpainting add to their SD counterparts; listed first among the bases."""
 
-    engine = False  # still the mirrored loop (postdiff/sampler.py)
-
-
-    def set_call_fields(self) -> None:
-        super().set_call_fields()
-        pipe, a = self.pipe, self.args
-        pipe._guidance_rescale = a["guidance_rescale"]
-        pipe._denoising_start, pipe._denoising_end = a["denoising_start"], a["denoising_end"]
-        self.check_arguments()
-
     def check_arguments(self) -> None:
         """The pipeline's check of `denoising_start` against `denoising_end`, which it makes after encoding."""
+        super().check_arguments()
         start, end = self.args["denoising_start"], self.args["denoising_end"]
         if denoising_value_valid(start) and denoising_value_valid(end) and start >= end:
             raise ValueError(f"`denoising_start`: {start} cannot be larger than or equal to `denoising_end`:  {end} when using type float.")
@@ -67,42 +57,10 @@ class StableDiffusionXLEditMixin:
         """The start's timesteps (`begin_offset` skipped), then the end's cut."""
         return until_denoising_end(self.pipe.scheduler, super().planned_timesteps(timesteps), self.args["denoising_end"])
 
-    def timesteps(self) -> torch.Tensor:
-        """The start's timesteps (its first noises the init latents, its offset is the re-entry's), then the end's cut."""
-        timesteps = until_denoising_end(self.pipe.scheduler, super().timesteps(), self.args["denoising_end"])
-        self.pipe._num_timesteps = len(timesteps)
-        return timesteps
-
     @property
     def adds_noise(self) -> bool:
         """The pipelines noise the init latents unless `denoising_start` is given (any value: they test `is None`)."""
         return self.args["denoising_start"] is None
-
-    def latent_options(self) -> dict:
-        return {"add_noise": self.adds_noise}
-
-    def _full_resolution_time_ids(self) -> torch.Tensor:
-        """The pipeline's ids: sizes default to the latent's size in pixels, negatives to the positives."""
-        a = self.args
-        full = tuple(side * self.pipe.vae_scale_factor for side in self.latent_hw)
-        original, target = a["original_size"] or full, a["target_size"] or full
-        negative_original = original if a["negative_original_size"] is None else a["negative_original_size"]
-        negative_target = target if a["negative_target_size"] is None else a["negative_target_size"]
-        ids, negative = self.pipe._get_add_time_ids(
-            original, a["crops_coords_top_left"], target, a["aesthetic_score"], a["negative_aesthetic_score"],
-            negative_original, a["negative_crops_coords_top_left"], negative_target,
-            dtype=self.prompt_embeds.dtype, text_encoder_projection_dim=self.projection_dim,
-        )
-        ids = ids.repeat(self.num_images, 1)
-        if self.do_cfg:
-            ids = torch.cat([negative.repeat(self.num_images, 1), ids], dim=0)
-        return ids.to(self.device)
-
-    def _scaled_ids(self, ids: torch.Tensor, scale: float) -> torch.Tensor:
-        if not self.pipe.config.requires_aesthetics_score:
-            return super()._scaled_ids(ids, scale)
-        # (original height, width, crop top, left, aesthetic score): the score is no size and keeps its value.
-        return torch.cat([torch.round(ids[:, :-1] * scale), ids[:, -1:]], dim=1)
 
     def _refuse_at_low_resolution(self, plan, what: str, why: str) -> None:
         if plan.phases[0].latent_hw != self.latent_hw:
@@ -118,7 +76,6 @@ class StableDiffusionXLImg2ImgFamily(StableDiffusionXLEditMixin, StableDiffusion
     name = "sdxl-img2img"
     preset_family = "sdxl"
     pipeline_names = ("StableDiffusionXLImg2ImgPipeline",)
-    engine = True
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -131,15 +88,6 @@ class StableDiffusionXLImg2ImgFamily(StableDiffusionXLEditMixin, StableDiffusion
         elif not self.adds_noise and self.image.shape[1] == 4:
             self._refuse_at_low_resolution(plan, "An image given as latents with `denoising_start`", NOISY)
 
-    def initial_latents(self, latent_hw: tuple[int, int]) -> torch.Tensor:
-        given = self.args["latents"]
-        return given if given is not None else super().initial_latents(latent_hw)
-
-    def decode(self, latents: torch.Tensor):
-        if self.args["output_type"] == "latent" and self.pipe.watermark is not None:
-            latents = self.pipe.watermark.apply_watermark(latents)  # the img2img pipeline watermarks latent output too
-        return super().decode(latents)
-
 
 @register
 class StableDiffusionXLInpaintFamily(StableDiffusionXLEditMixin, StableDiffusionInpaintFamily, StableDiffusionXLFamily):
@@ -150,12 +98,8 @@ class StableDiffusionXLInpaintFamily(StableDiffusionXLEditMixin, StableDiffusion
     pipeline_names = ("StableDiffusionXLInpaintPipeline",)
 
     def check_plan(self, plan) -> None:
+        super().check_plan(plan)
         image = self.args["image"]
         if torch.is_tensor(image) and image.ndim >= 3 and image.shape[-3] == self.pipe.vae.config.latent_channels:
             self._refuse_at_low_resolution(plan, "An image given as latents", "the image processor passes latents "
                                            "through at their size, so no phase-sized image or masked image can be made")
-
-    def decode(self, latents: torch.Tensor):
-        if self.args["output_type"] == "latent":  # the pipeline returns its output class whatever `return_dict`
-            return StableDiffusionXLPipelineOutput(images=latents)
-        return super().decode(latents)
