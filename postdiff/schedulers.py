@@ -1,8 +1,8 @@
 """What the loop must know about a scheduler, in one table: its sample space, where its x0 comes from, and
 what a restarted copy repeats. Matched with `isinstance`, so a subclass of a supported scheduler works.
 
-x0 at the switch. Where `scheduler.step(..., return_dict=False)` returns an x0 as its second entry (DDIM,
-Euler and Euler ancestral: `pred_original_sample`; LCM: `denoised`), that is the x0. Otherwise it is
+x0 at the switch. Where `scheduler.step(..., return_dict=False)` returns an x0 as its second entry (DDIM, DDPM,
+Euler, Euler ancestral, LMS: `pred_original_sample`; LCM: `denoised`), that is the x0. Otherwise it is
 computed from the model output, the prediction type and the noise level of the state the step started
 from: x_t = alpha * x0 + sigma * eps. That level is read from the scheduler's own tables at the step's
 index (`step_index - 1` after the step has advanced it, so Karras or other custom sigmas are the ones the
@@ -17,12 +17,20 @@ from typing import Literal
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -79,15 +87,30 @@ class SchedulerTraits:
 # Most specific first: the first entry whose class `scheduler` is an instance of applies.
 TRAITS = (
     SchedulerTraits(DDIMScheduler, "ddpm", "pred_original_sample"),
+    SchedulerTraits(DDPMScheduler, "ddpm", "pred_original_sample"),
     SchedulerTraits(EulerAncestralDiscreteScheduler, "sigma", "pred_original_sample"),
     SchedulerTraits(EulerDiscreteScheduler, "sigma", "pred_original_sample"),
+    SchedulerTraits(LMSDiscreteScheduler, "sigma", "pred_original_sample"),
     SchedulerTraits(DPMSolverMultistepScheduler, "ddpm", "computed"),
     SchedulerTraits(UniPCMultistepScheduler, "ddpm", "computed"),
+    SchedulerTraits(DEISMultistepScheduler, "ddpm", "computed"),
+    SchedulerTraits(TCDScheduler, "ddpm", "computed"),  # its second output is the noised sample at s, no x0
     SchedulerTraits(PNDMScheduler, "ddpm", "computed", restart_repeats=1),
     SchedulerTraits(LCMScheduler, "ddpm", "denoised"),
     SchedulerTraits(FlowMatchEulerDiscreteScheduler, "flow", "computed"),
 )
 SUPPORTED = tuple(traits.scheduler_class.__name__ for traits in TRAITS)
+
+# Schedulers that cannot switch resolution, and why (caching alone works with them).
+SECOND_ORDER = ("a second-order scheduler: each step is two model evaluations over two timesteps with the state "
+                "of the first kept for the second, so a segment boundary would cut a step in two")
+REFUSED = (
+    (HeunDiscreteScheduler, SECOND_ORDER),
+    (KDPM2AncestralDiscreteScheduler, SECOND_ORDER),
+    (KDPM2DiscreteScheduler, SECOND_ORDER),
+    (DPMSolverSDEScheduler, SECOND_ORDER + ", and its Brownian-tree noise is drawn over the whole schedule's "
+                            "sigma range at the first step"),
+)
 
 
 def traits_of(scheduler) -> SchedulerTraits | None:
@@ -129,6 +152,10 @@ def check_scheduler(scheduler, needs_x0: bool) -> SchedulerTraits | None:
     needs them (mixed resolution, x0 tracing); returns its traits (None for others: caching works with any)."""
     traits = traits_of(scheduler)
     name = type(scheduler).__name__
+    refused = next((why for cls, why in REFUSED if isinstance(scheduler, cls)), None)
+    if needs_x0 and refused is not None:
+        raise ConfigError(f"scheduler {name} is not supported with mixed resolution: it is {refused}; use switch=0 "
+                          f"(caching only) or one of {', '.join(SUPPORTED)}")
     if needs_x0 and traits is None:
         raise ConfigError(f"scheduler {name} is not supported with mixed resolution or x0 tracing; supported: {', '.join(SUPPORTED)}")
     if needs_x0 and isinstance(scheduler, PNDMScheduler) and not scheduler.config.skip_prk_steps:

@@ -230,3 +230,34 @@ def test_sd3_skip_layer_guidance_runs_under_postdiff_outside_the_caches(model_di
     # 8 steps, 4 of them at low resolution: CFG (batch 2) until the stop at 6, then 1; the skip-layer pass
     # (batch 1) on the steps 0 < i < 4.8 of the call, in both segments; two calls.
     assert batches == ([2] + [2, 1] * 4 + [2] + [1, 1]) * 2
+
+
+@pytest.mark.parametrize("name", ["ddpm", "lms", "deis", "tcd"])
+def test_more_schedulers_switch_resolution(model_dir, name):
+    """DDPM, LMS, DEIS and TCD: mixed resolution runs, is deterministic and changes the image (their x0 at every
+    step is checked against an independent computation in test_hardening.py)."""
+    from test_hardening import MORE_SCHEDULERS
+    from tiny import SD_SCHEDULER
+
+    pipe = sd_pipeline(model_dir)
+    pipe.scheduler = MORE_SCHEDULERS[name].from_config(SD_SCHEDULER)
+    plain = call(pipe)
+    postdiff.apply(pipe, PAPER_SD)
+    first, second = call(pipe), call(pipe)
+    np.testing.assert_array_equal(first, second)
+    assert np.isfinite(first).all() and np.abs(first - plain).max() > 1e-4
+
+
+# DPMSolverSDEScheduler (refused for the same reason) cannot be built without torchsde, no dependency here.
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_second_order_schedulers_are_refused_with_mixed_resolution_and_cache_alone(model_dir, name):
+    import diffusers
+    from tiny import SD_SCHEDULER
+
+    pipe = sd_pipeline(model_dir)
+    pipe.scheduler = getattr(diffusers, name).from_config(SD_SCHEDULER)
+    with pytest.raises(ConfigError, match=f"scheduler {name} is not supported with mixed resolution: it is a second-order"):
+        postdiff.apply(pipe, PAPER_SD)
+    postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1))
+    images = call(pipe, num_inference_steps=4)
+    assert np.isfinite(images).all()

@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import (
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    TCDScheduler,
+)
 from recorder import UNetRecorder
 from tiny import SCHEDULERS, SD_SCHEDULER, call, hook_leftovers, make_scheduler, sd_pipeline, sdxl_pipeline
 
@@ -15,6 +23,9 @@ from postdiff import ConfigError, PostDiffConfig
 from postdiff.caching import cross_attention
 
 MIXED = PostDiffConfig(beta=0.5, switch=0.5)
+
+
+MORE_SCHEDULERS = {"ddpm": DDPMScheduler, "lms": LMSDiscreteScheduler, "deis": DEISMultistepScheduler, "tcd": TCDScheduler}
 
 
 class SubclassedEuler(EulerDiscreteScheduler):
@@ -28,6 +39,8 @@ def _scheduler(name: str):
         return LCMScheduler.from_config(SD_SCHEDULER)
     if name == "subclassed_euler":
         return SubclassedEuler.from_config(SD_SCHEDULER)
+    if name in MORE_SCHEDULERS:
+        return MORE_SCHEDULERS[name].from_config(SD_SCHEDULER)
     if name.endswith("_v"):
         return make_scheduler(name[:-2], prediction_type="v_prediction")
     return make_scheduler(name)
@@ -46,14 +59,14 @@ def _pre_step_index(scheduler, t) -> int | None:
 
 def _independent_x0(scheduler, index, sample, model_output, t, output) -> torch.Tensor:
     """The scheduler's own x0 where its step returns one; else the closed form at the pre-step noise level."""
-    if len(output) > 1:
+    if len(output) > 1 and not isinstance(scheduler, TCDScheduler):  # TCD's second output is no x0
         return output[1]
     kind = scheduler.config.prediction_type
-    if index is not None:  # DPM-Solver, UniPC: sigma = sqrt((1 - a) / a) from their own (maybe Karras) table
+    if index is not None and hasattr(scheduler, "sigmas"):  # DPM-Solver, UniPC: sigma = sqrt((1 - a) / a) from their own (maybe Karras) table
         sigma = scheduler.sigmas[index]
         alpha_t = 1 / (sigma**2 + 1) ** 0.5
         sigma_t = sigma * alpha_t
-    else:  # PNDM
+    else:  # PNDM, TCD
         alpha_t = scheduler.alphas_cumprod[int(t)] ** 0.5
         sigma_t = (1 - scheduler.alphas_cumprod[int(t)]) ** 0.5
     if kind == "epsilon":
@@ -61,7 +74,7 @@ def _independent_x0(scheduler, index, sample, model_output, t, output) -> torch.
     return alpha_t * sample - sigma_t * model_output
 
 
-X0_SCHEDULERS = [*SCHEDULERS, "dpmpp_2m_karras", "lcm", "subclassed_euler", "euler_v", "dpmpp_2m_v", "ddim_v"]
+X0_SCHEDULERS = [*SCHEDULERS, *MORE_SCHEDULERS, "dpmpp_2m_karras", "lcm", "subclassed_euler", "euler_v", "dpmpp_2m_v", "ddim_v"]
 
 
 @pytest.mark.parametrize("name", X0_SCHEDULERS)
