@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +88,7 @@ class Segment:
     replay: tuple | None = None  # (args, kwargs) of `set_timesteps` to use instead of the pipeline's
     noise_sigma: float | None = None  # `init_noise_sigma` shown (1: the given latents are at their noise level)
     empty: bool = False  # a segment that only decodes (an interrupted call's end)
+    identity: bool = False  # one step that passes the latents through (a decode for pipelines that need a step)
     offset: int = 0  # timesteps before the call's first, which the pipeline skips itself (img2img's strength)
     x0: torch.Tensor | None = None  # the x0 of the segment's last step
     low_noise: torch.Tensor | None = None  # the noise the last step's state holds (block switch noise)
@@ -108,16 +110,34 @@ class Segment:
         if self.phase is None or timesteps is None:
             return timesteps
         skipped, planned = timesteps[: self.offset], timesteps[self.offset :]
-        shown = planned[:0] if self.empty else phase_timesteps(planned, self.phase)
+        shown = planned[:0] if self.empty else phase_timesteps(planned, self.phase)[: 1 if self.identity else None]
         return torch.cat([skipped, shown]) if self.offset else shown
 
     def set_begin_index(self, begin_index: int = 0):
         self.real.set_begin_index(begin_index + (self.phase.timestep_start if self.phase is not None else 0))
 
     def step(self, *args, **kwargs):
+        if self.identity:
+            sample = inspect.signature(self.real.step).bind(*args, **kwargs).arguments["sample"]
+            return (sample, sample)
         output = self.real.step(*args, **kwargs)
         self.engine.after_step(self, inspect.signature(self.real.step).bind(*args, **kwargs).arguments, output)
         return output
+
+
+class PassThrough:
+    """The denoiser as an identity-decoding segment sees it: every attribute the denoiser's, its output zeros of
+    the sample's shape (the segment's scheduler step ignores it)."""
+
+    def __init__(self, denoiser):
+        object.__setattr__(self, "_denoiser", denoiser)
+
+    def __call__(self, *args, **kwargs):
+        sample = args[0] if args else next(value for value in kwargs.values() if isinstance(value, torch.Tensor))
+        return (torch.zeros_like(sample),)
+
+    def __getattr__(self, name: str):
+        return getattr(self._denoiser, name)
 
 
 def _stand_in_getattribute(self, name: str):
@@ -393,15 +413,23 @@ class Engine:
 
     def decode_interrupted(self, output, phase: Phase, pristine):
         """A call interrupted at low resolution: its latents upsampled to the requested size and decoded by a
-        segment of no steps."""
+        segment of no steps; where the pipeline decodes a variable of its loop (LCM's `denoised`), a segment of
+        one step in which the denoiser and the scheduler's step pass the latents through."""
         final = self.plan.phases[-1]
         latents = resize(self.family.spatial_latents(output[0], phase.latent_hw), final.latent_hw)
-        offset = self.family.begin_offset
+        offset, identity = self.family.begin_offset, self.family.decodes_from_loop
         segment = Segment(copy.deepcopy(pristine), self, final, begin=offset + final.timestep_start, noise_sigma=1.0,
-                          empty=True, offset=offset)
+                          empty=not identity, identity=identity, offset=offset)
         latents = self.family.pipeline_latents(latents)
         arguments = self.family.segment_arguments(self.arguments, final, True, latents, False)
-        result = self.run_call(segment, arguments, self.family.segment_methods(final, False, latents))
+        arguments["callback_on_step_end"] = None
+        attribute = self.family.denoiser_attribute
+        self.pipe.__dict__[attribute], denoiser = PassThrough(self.denoiser), self.pipe.__dict__[attribute]
+        self.pipe.__dict__[PROGRESS] = types.SimpleNamespace(update=lambda *args: None)  # its step is none of the plan's
+        try:
+            result = self.run_call(segment, arguments, self.family.segment_methods(final, False, latents))
+        finally:
+            self.pipe.__dict__[attribute] = denoiser
         self.pipe._interrupt = True  # as a plain interrupted call leaves it
         return result
 

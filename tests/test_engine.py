@@ -261,3 +261,27 @@ def test_second_order_schedulers_are_refused_with_mixed_resolution_and_cache_alo
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1))
     images = call(pipe, num_inference_steps=4)
     assert np.isfinite(images).all()
+
+
+def test_lcm_interrupted_at_low_resolution_decodes_its_last_denoised_at_the_requested_size(model_dir):
+    """The LCM pipeline decodes its loop's last `denoised`: the engine's decoding segment runs one pass-through
+    step (denoiser and scheduler step are identities) so there is one, the upsampled low-resolution one."""
+    import torch.nn.functional as F
+    from tiny import lcm_pipeline
+
+    pipe = postdiff.apply(lcm_pipeline(model_dir), PostDiffConfig(beta=0.5, switch=0.5))
+    seen = []
+
+    def interrupt(pipe, index, t, tensors):
+        seen.append((index, tensors["denoised"].clone()))
+        pipe._interrupt = index == 1
+        return {}
+
+    arguments = dict(prompt="a bag", num_inference_steps=4, height=32, width=32, callback_on_step_end=interrupt,
+                     callback_on_step_end_tensor_inputs=["latents", "denoised"])
+    latents = pipe(**arguments, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert [index for index, _ in seen] == [0, 1] and pipe._interrupt
+    expected = F.interpolate(seen[-1][1], size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
+    images = pipe(**arguments, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()

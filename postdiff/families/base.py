@@ -49,6 +49,7 @@ class Family:
     denoiser_kind = "unet"  # denoisers.DENOISER_KINDS key
     max_text_length = 77  # prompt tokens the denoiser sees (CLIP: 77; T5-based families: more)
     cfg_passes = 1  # denoiser passes of a CFG step: 1 where CFG is one batch, 2 where it runs as separate passes
+    decodes_from_loop = False  # the pipeline decodes a value only its loop makes (LCM's `denoised`)
 
     @classmethod
     def kind(cls) -> DenoiserKind:

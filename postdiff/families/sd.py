@@ -39,6 +39,7 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     name = "lcm"
     preset_family = "sd"
     pipeline_names = ("LatentConsistencyModelPipeline",)
+    decodes_from_loop = True
 
 
 @register
