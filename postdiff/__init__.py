@@ -6,6 +6,29 @@ from .config import CA_MODES, PRESETS, ConfigError, PostDiffConfig, Preset  # no
 
 __version__ = "0.1.0"
 
+# The diffusers releases the test suite has passed on (pyproject.toml states the same range). postdiff runs each
+# pipeline's own `__call__`, but its adapters read some of the pipelines' names (`prepare_latents`,
+# `get_timesteps`, `cache_context`): another release may have moved them.
+TESTED_DIFFUSERS = ("0.42.1", "0.43")  # from, and below
+
+
+def _check_diffusers_version() -> None:
+    import warnings
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("diffusers")
+    except PackageNotFoundError:
+        return
+    release = tuple(int(part) for part in found.split("+")[0].split(".")[:3] if part.isdigit())
+    low, high = (tuple(int(part) for part in bound.split(".")) for bound in TESTED_DIFFUSERS)
+    if not low <= release < high:
+        warnings.warn(f"postdiff is tested with diffusers >={TESTED_DIFFUSERS[0]},<{TESTED_DIFFUSERS[1]}; this is diffusers "
+                      f"{found}: pipelines may behave differently under PostDiff", stacklevel=2)
+
+
+_check_diffusers_version()
+
 # Loaded on first use rather than here: importing postdiff must not import diffusers (and transformers) before
 # the command line has set their logging (cli.py). `postdiff.apply`, `from postdiff import plan_call` and
 # `postdiff.api` work as before.

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import postdiff
 
 PACKAGE = Path(postdiff.__file__).parent
@@ -107,3 +109,18 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", IMPORT_EACH, *names], capture_output=True, text=True, check=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {}
+
+
+@pytest.mark.parametrize("found, warns", [("0.42.1", False), ("0.42.5", False), ("0.41.0", True), ("0.43.0", True),
+                                          ("0.44.0.dev0", True)])
+def test_an_untested_diffusers_gets_one_warning_naming_the_tested_range(monkeypatch, found, warns):
+    import importlib.metadata
+    import warnings
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        postdiff._check_diffusers_version()
+    messages = [str(w.message) for w in caught]
+    assert messages == ([f"postdiff is tested with diffusers >=0.42.1,<0.43; this is diffusers {found}: pipelines may "
+                         "behave differently under PostDiff"] if warns else [])
