@@ -32,6 +32,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils.torch_utils import randn_tensor, unwrap_module
 
 from .caching.guidance import SeparatePassGate
+from .caching.hooks import reclaim_forward
 from .caching.state import PASS_NAMES, RunState
 from .compiling import check_recompile_limit
 from .config import ConfigError, PostDiffConfig
@@ -221,6 +222,7 @@ class Engine:
     memo: dict = field(default_factory=dict)  # method name -> results, in call order
     memo_calls: dict = field(default_factory=dict)  # method name -> calls so far in the current segment
     step_index: int = 0  # the global index of the step that runs next
+    plan_phases: tuple = ()  # the plan's phases, once planned (the probe runs before)
 
     # -- before the segments
     def precheck(self) -> None:
@@ -285,6 +287,7 @@ class Engine:
     def __call__(self):
         with self.call_scope():
             self.plan = plan = self.prepare()
+            self.plan_phases = plan.phases
             family = self.family
             family.planned_steps = len(plan)
             self.state.begin(family.num_images, float(family.guidance_scale), cfg_call=family.do_cfg,
@@ -354,13 +357,17 @@ class Engine:
         pipe = self.pipe
         pipe.__dict__["scheduler"] = stand_in(segment)
         self.memo_calls = dict.fromkeys(MEMOIZED, 0)
-        methods = methods or {}
+        methods = dict(methods or {})
+        if self.plan_phases and segment.phase is not self.plan_phases[-1]:  # offload hooks are freed once, at the end
+            methods["maybe_free_model_hooks"] = lambda: None
         pipe.__dict__.update(methods)
         try:
             return self.call(pipe, **flattened(arguments))
         finally:
             for name in methods:
                 pipe.__dict__.pop(name, None)
+            for model in self.family.cached_models(pipe):
+                reclaim_forward(unwrap_module(model))
 
     def run_segments(self, plan: StepPlan):
         pristine = copy.deepcopy(self.scheduler) if len(plan.phases) > 1 else None

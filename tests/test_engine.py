@@ -285,3 +285,20 @@ def test_lcm_interrupted_at_low_resolution_decodes_its_last_denoised_at_the_requ
     torch.testing.assert_close(latents, expected, rtol=0, atol=0)
     images = pipe(**arguments, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_model_cpu_offload_gives_the_same_images_under_postdiff(model_dir):
+    """accelerate's offload hooks move the models to the execution device around their calls, and the pipeline
+    frees (re-adds) them at the end of its call: the segments' calls free them once, at the end, and the hooks'
+    `forward` stays inside PostDiff's (here the execution device is the CPU, the only one this machine has;
+    sequential offload to the CPU fails in plain diffusers already)."""
+    plain = call(sd_pipeline(model_dir))
+    expected = call(postdiff.apply(sd_pipeline(model_dir), PAPER_SD.with_changes(cfg_stop=5)))
+    pipe = sd_pipeline(model_dir)
+    pipe.enable_model_cpu_offload(device="cpu")
+    postdiff.apply(pipe, PostDiffConfig())
+    np.testing.assert_array_equal(call(pipe), plain)
+    postdiff.apply(pipe, PAPER_SD.with_changes(cfg_stop=5))
+    np.testing.assert_array_equal(call(pipe), expected)
+    postdiff.remove(pipe)
+    np.testing.assert_array_equal(call(pipe), plain)

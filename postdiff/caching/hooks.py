@@ -48,6 +48,15 @@ def install(module: torch.nn.Module, hook: Hook) -> None:
     module.__dict__[ATTRIBUTE] = hooks
 
 
+def reclaim_forward(model: torch.nn.Module) -> None:
+    """Hooked modules whose instance `forward` was set again after `install` (accelerate re-adds its offload
+    hooks whenever a pipeline frees them, wrapping the module's original forward): that forward moves back inside
+    the hooks, as `install` placed the one it found."""
+    for module in model.modules():
+        if ATTRIBUTE in module.__dict__ and "forward" in module.__dict__:
+            module.__dict__[INSTANCE_FORWARD] = module.__dict__.pop("forward")
+
+
 def remove_hooks(model: torch.nn.Module) -> None:
     """Remove every postdiff hook from `model` and its submodules, restoring their classes."""
     for module in model.modules():
