@@ -62,6 +62,12 @@ def _testbed_flow(folder):
     return load_pipeline("testbed-flow")[0]
 
 
+def _testbed_edit(kind: str):
+    from postdiff.testbed import editing
+
+    return getattr(editing, f"{kind}_pipeline")()
+
+
 def _builders() -> dict:
     from test_controlnet import controlnet_pipeline
     from test_flow import flux_pipeline, sd3_pipeline
@@ -81,6 +87,7 @@ def _builders() -> dict:
         "sd-img2img": img2img_pipeline, "sd-inpaint": inpaint_pipeline, "sd-controlnet": controlnet_pipeline,
         "sdxl-img2img": sdxl_img2img, "sdxl-inpaint": sdxl_inpaint,
         "sdxl-controlnet": lambda folder: controlnet_pipeline(folder, xl=True),
+        "testbed-img2img": lambda folder: _testbed_edit("img2img"), "testbed-inpaint": lambda folder: _testbed_edit("inpaint"),
     })
     return builders
 
@@ -91,6 +98,12 @@ def _default_arguments(pipeline: str) -> dict:
     from test_controlnet import control_image
 
     common = dict(prompt="a photo of a sneaker", num_inference_steps=8, output_type="latent")
+    if pipeline in ("testbed-img2img", "testbed-inpaint"):
+        image = torch.linspace(0, 1, 32 * 32).reshape(1, 1, 32, 32)
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., 16:] = 1
+        extra = dict(strength=0.75) if pipeline.endswith("img2img") else dict(mask_image=mask, height=32, width=32)
+        return dict(common, negative_prompt="", guidance_scale=3.0, image=image, **extra)
     if pipeline.startswith("testbed"):
         return dict(common, prompt="a photo of a sneaker", guidance_scale=3.0)
     if pipeline in ("sd3", "flux", "flux-schnell"):
@@ -161,7 +174,8 @@ def cases() -> list[Case]:
         Case("flux/true-cfg-stop", "flux", cfg_stop("cond", flow_paper), true_cfg),
         Case("flux/callback-latents", "flux", flow_paper, scale_latents_at=2),
     ]
-    for pipeline in ("sd-img2img", "sd-inpaint", "sd-controlnet", "sdxl-img2img", "sdxl-inpaint", "sdxl-controlnet"):
+    for pipeline in ("sd-img2img", "sd-inpaint", "sd-controlnet", "sdxl-img2img", "sdxl-inpaint", "sdxl-controlnet",
+                     "testbed-img2img", "testbed-inpaint"):
         found += [Case(f"{pipeline}/off", pipeline, OFF), Case(f"{pipeline}/mixed", pipeline, MIXED),
                   Case(f"{pipeline}/paper", pipeline, PAPER_SD.with_changes(switch=0.4)),
                   Case(f"{pipeline}/cfg-stop", pipeline, cfg_stop("cond", DEEPCACHE).with_changes(cfg_stop=3))]

@@ -246,7 +246,9 @@ def test_sdxl_controlnet_runs_every_postdiff_feature(model_dir):
     seen, handle = record_controlnet_inputs(pipe.controlnet)
     output = call(pipe, guess_mode=True)
     handle.remove()
-    assert [tuple(s["sample"]) for s in seen] == [(1, 4, 8, 8)] * 3 + [(1, 4, 16, 16)] * 3  # guess mode: conditional only
+    # Guess mode: the conditional batch only; DeepCache's cached steps (the second of each phase) reuse the
+    # ControlNet's residuals, so it runs on the full steps 0, 2 | 3, 5.
+    assert [tuple(s["sample"]) for s in seen] == [(1, 4, 8, 8)] * 2 + [(1, 4, 16, 16)] * 2
     assert np.isfinite(output).all() and output.shape == (1, 32, 32, 3)
 
 

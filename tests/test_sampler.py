@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler, StableDiffusionSAGPipeline
+from diffusers import DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, StableDiffusionSAGPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from recorder import UNetRecorder
 from tiny import SCHEDULERS, call, sd_pipeline, sdxl_pipeline
@@ -250,8 +250,8 @@ def test_unknown_ca_mode_and_bad_fields_are_refused():
 
 def test_unsupported_scheduler_pipeline_and_branch_are_refused(model_dir):
     pipe = sd_pipeline(model_dir)
-    pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ConfigError, match="LMSDiscreteScheduler is not supported with mixed resolution.*DDIMScheduler"):
+    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ConfigError, match="DPMSolverSinglestepScheduler is not supported with mixed resolution.*DDIMScheduler"):
         postdiff.apply(pipe, PostDiffConfig(beta=0.5, switch=0.5))
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2))  # no switch: any scheduler runs
     with pytest.raises(ConfigError, match="cache_branch=9 is not allowed: this U-Net has branches 0..5"):
@@ -263,9 +263,9 @@ def test_unsupported_scheduler_pipeline_and_branch_are_refused(model_dir):
 
 def test_scheduler_swapped_after_apply_is_checked_at_call(model_dir):
     pipe = postdiff.apply(sd_pipeline(model_dir), PostDiffConfig(beta=0.5, switch=0.5))
-    pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = KDPM2DiscreteScheduler.from_config(pipe.scheduler.config)
     recorder = UNetRecorder(pipe.unet)
-    with pytest.raises(ConfigError, match="LMSDiscreteScheduler"):
+    with pytest.raises(ConfigError, match="KDPM2DiscreteScheduler is not supported with mixed resolution: it is a second-order"):
         call(pipe)
     assert recorder.calls == []
 

@@ -3,14 +3,17 @@
 The model works in pixel space, so its "autoencoder" is the identity: `PixelSpaceVAE` is a diffusers model
 whose encode returns the image and whose decode returns the sample, with scaling factor 1 and a scale
 factor of 1 between image and latent. With it, `StableDiffusionImg2ImgPipeline` and
-`StableDiffusionInpaintPipeline` run the embedded U-Net unchanged (inpainting: the 1-channel U-Net keeps
-the known region by blending, as SD's 4-channel U-Nets do), so PostDiff's image-to-image and inpainting
-are measured on the model trained on real data (bench/testbed_edit_quality.py).
+`StableDiffusionInpaintPipeline` run the embedded U-Net unchanged, so PostDiff's image-to-image and
+inpainting are measured on the model trained on real data (bench/testbed_edit_quality.py). Inpainting: the
+1-channel U-Net keeps the known region by blending, as SD's 4-channel U-Nets do (`TestbedInpaintPipeline`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
@@ -54,8 +57,31 @@ def img2img_pipeline(folder=None) -> StableDiffusionImg2ImgPipeline:
     return pipe
 
 
-def inpaint_pipeline(folder=None) -> StableDiffusionInpaintPipeline:
-    pipe = StableDiffusionInpaintPipeline(**_components(folder))
+class TestbedInpaintPipeline(StableDiffusionInpaintPipeline):
+    """`StableDiffusionInpaintPipeline` for a U-Net whose input is the latent alone (the embedded model's 1 channel):
+    diffusers blends the known region back after every step for U-Nets of 4 input channels (the latent channels of
+    SD's VAE) and refuses other counts, so for the length of a call the U-Net's config says 4; the U-Net itself,
+    and every tensor of the call, has the VAE's latent channels."""
+
+    __test__ = False
+
+    def __call__(self, *args, **kwargs):
+        with _blending_input_channels(self.unet):
+            return super().__call__(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _blending_input_channels(unet):
+    config = unet._internal_dict
+    unet._internal_dict = FrozenDict({**config, "in_channels": 4})
+    try:
+        yield
+    finally:
+        unet._internal_dict = config
+
+
+def inpaint_pipeline(folder=None) -> TestbedInpaintPipeline:
+    pipe = TestbedInpaintPipeline(**_components(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
