@@ -1,5 +1,5 @@
 """Compute accounting from the step plan: every step of the plan is executed on a meta-device copy of the
-denoiser, with the same cache hooks the sampler installs, under `torch.utils.flop_counter.FlopCounterMode`.
+denoiser, with the same cache hooks `apply` installs, under `torch.utils.flop_counter.FlopCounterMode`.
 Meta tensors carry shapes only, so full-size models are counted instantly and without weights, and what
 is counted is exactly what the hooks let run.
 
@@ -101,7 +101,7 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controln
     costs, counted = [], {}
     with torch.no_grad():
         for step in plan.steps:
-            state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in the sampler
+            state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in a call
             step_kind = (step.latent_hw, step.cfg, step.deep, step.cross_attention)
             if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
@@ -116,7 +116,7 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controln
 
 
 def _meta_controlnets(unet: torch.nn.Module, controlnet: ControlNetSpec | None, plan: StepPlan, state: RunState) -> list:
-    """The ControlNets on the meta device with the caches the sampler installs on them (caching/controlnet.py)."""
+    """The ControlNets on the meta device with the caches `apply` installs on them (caching/controlnet.py)."""
     if controlnet is None:
         return []
     from .caching.controlnet import install_net_caches

@@ -112,7 +112,7 @@ def flops(
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNets on the conditional batch only"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object; `total` is in units of 10^12"),
 ):
-    """Per-step compute of one image from the same plan the sampler runs (units of 10^12); the denoiser only,
+    """Per-step compute of one image from the same plan the engine runs (units of 10^12); the denoiser only,
     unless --with-text / --with-vae add the once-per-call components."""
     from .accounting import CONVENTIONS, in_convention, plan_costs
     from .models import load_model_spec

@@ -1,5 +1,5 @@
 """Denoiser kinds: everything postdiff knows about one kind of denoiser network, in one place, for the
-sampler and the accounting alike: how its plan facts are read (latent size rule, cache branches), how its
+engine and the accounting alike: how its plan facts are read (latent size rule, cache branches), how its
 cache branch is validated, how PostDiff's caches are installed on it, and how it is built and fed on the
 meta device for counting. Families (pipelines) name their kind; nothing here knows about pipelines.
 """

@@ -222,7 +222,7 @@ class Engine:
     memo: dict = field(default_factory=dict)  # method name -> results, in call order
     memo_calls: dict = field(default_factory=dict)  # method name -> calls so far in the current segment
     step_index: int = 0  # the global index of the step that runs next
-    plan_phases: tuple = ()  # the plan's phases, once planned (the probe runs before)
+    plan: StepPlan | None = None  # the call's plan, once made (the probe runs before)
 
     # -- before the segments
     def precheck(self) -> None:
@@ -287,7 +287,6 @@ class Engine:
     def __call__(self):
         with self.call_scope():
             self.plan = plan = self.prepare()
-            self.plan_phases = plan.phases
             family = self.family
             family.planned_steps = len(plan)
             self.state.begin(family.num_images, float(family.guidance_scale), cfg_call=family.do_cfg,
@@ -358,7 +357,7 @@ class Engine:
         pipe.__dict__["scheduler"] = stand_in(segment)
         self.memo_calls = dict.fromkeys(MEMOIZED, 0)
         methods = dict(methods or {})
-        if self.plan_phases and segment.phase is not self.plan_phases[-1]:  # offload hooks are freed once, at the end
+        if self.plan is not None and segment.phase is not self.plan.phases[-1]:  # offload hooks are freed once, at the end
             methods["maybe_free_model_hooks"] = lambda: None
         pipe.__dict__.update(methods)
         try:
@@ -500,7 +499,6 @@ class Engine:
             return callback(pipe, phase.first_step + index, t, tensors)
 
         return {"callback_on_step_end": global_callback, "callback_on_step_end_tensor_inputs": tensor_inputs}
-
 
 
 def flattened(arguments: dict) -> dict:

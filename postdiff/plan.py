@@ -1,6 +1,6 @@
 """Config + step count + model facts -> StepPlan: plain data, computed before any compute (no torch).
 
-The sampler executes a plan, the accounting sums per-step costs over the same plan, the sweeps enumerate
+The engine executes a plan, the accounting sums per-step costs over the same plan, the sweeps enumerate
 plans. Printing a plan shows exactly what a config does.
 
 Rounding: phase boundaries are cumulative fractions of the scheduler's timesteps, rounded half up

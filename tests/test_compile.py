@@ -70,7 +70,7 @@ def graphs() -> int:
 
 
 def record_steps(pipe) -> list:
-    """Every step the calls run, seen where the sampler enters it (outside the compiled region)."""
+    """Every step the calls run, seen where the engine enters it (outside the compiled region)."""
     state, steps = pipe._postdiff.state, []
 
     def enter(step):

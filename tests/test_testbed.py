@@ -43,7 +43,7 @@ def test_loads_offline_and_samples_deterministically_at_32px(pipe):
     assert not np.array_equal(first, sample(pipe, seed=5))
 
 
-def test_mixed_resolution_through_the_sampler_is_deterministic_and_different(pipe):
+def test_mixed_resolution_through_the_engine_is_deterministic_and_different(pipe):
     baseline = sample(pipe)
     postdiff.apply(pipe, PostDiffConfig.preset("paper", family="testbed"))
     try:

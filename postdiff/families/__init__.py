@@ -1,4 +1,4 @@
-"""Model families: how a pipeline encodes prompts, calls its denoiser and decodes. The loop is in sampler.py."""
+"""Model families: the adapters the engine (engine.py) asks how a pipeline's segments differ from its call."""
 
 from __future__ import annotations
 

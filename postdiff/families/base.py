@@ -73,7 +73,7 @@ class Family:
         self.pipe = pipe
         self.args = arguments
         self.device = pipe._execution_device
-        self.state = None  # the call's RunState (set by `api`)
+        self.state = None  # the call's RunState (set by api.py)
         self.begin_offset = 0  # scheduler timesteps before the call's first (img2img's strength skips them)
         self.planned_steps = None  # steps of the call's plan (set by the engine before its segments)
         self.switch_noise = None  # the fresh noise of the last switch's re-noising (set by the engine)
