@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
 from .caching.state import RunState
-from .denoisers import DENOISER_KINDS, DenoiserSpec, meta_denoiser
+from .denoisers import DenoiserSpec, denoiser_kind, meta_denoiser
 from .plan import Step, StepPlan
 
 CONVENTIONS = ("macs", "flops")
@@ -92,7 +92,7 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controln
     ControlNets too, when given)."""
     if plan.facts.text_length is not None:  # the call's own text length (T5 tokens)
         spec = replace(spec, text_length=plan.facts.text_length)
-    kind = DENOISER_KINDS[spec.kind]
+    kind = denoiser_kind(spec.kind)
     model = meta_denoiser(spec)
     state = RunState()
     kind.install_caches(model, plan.config, state)  # validates the branch as `apply` does
@@ -144,7 +144,7 @@ class ComponentSpec:
 
     @property
     def is_vae(self) -> bool:
-        return self.class_name == "AutoencoderKL"
+        return self.class_name.startswith("AutoencoderKL")  # AutoencoderKL, or a model's own (AutoencoderKLWan, ...)
 
     def cost(self, latent_hw: tuple[int, int], text_length: int, batch: int = 1) -> tuple[float, float]:
         """(MACs, attention MACs): a decode of `batch` latents of `latent_hw`, or an encode of `batch` prompts."""
@@ -166,11 +166,12 @@ class ComponentSpec:
 
     def _meta_model(self) -> torch.nn.Module:
         if self.is_vae:
-            from diffusers import AutoencoderKL
+            import diffusers
 
             with torch.device("meta"):
-                model = AutoencoderKL.from_config(self.config)
-            model.set_attn_processor(AttnProcessor())
+                model = getattr(diffusers, self.class_name).from_config(self.config)
+            if hasattr(model, "set_attn_processor"):
+                model.set_attn_processor(AttnProcessor())
             return model
         import transformers
 

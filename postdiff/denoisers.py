@@ -23,6 +23,7 @@ class DenoiserSpec:
     config: dict
     text_length: int = 77
     kind: str = "unet"  # key of DENOISER_KINDS
+    latent_frames: int = 1  # a video model's latent frames (its VAE's temporal compression applied)
 
 
 class DenoiserKind:
@@ -154,13 +155,22 @@ class PixArtKind(DenoiserKind):
         return inputs
 
 
-class MMDiTKind(DenoiserKind):
-    """Rectified-flow MM-DiTs: blocks that carry an image and a text stream (caching/blocks.py, joint spans).
-    Their attention runs through `scaled_dot_product_attention`, which the counter decomposes on the meta
-    device into the same bmm products it separates for the classic processor."""
+class TransformerKind(DenoiserKind):
+    """Diffusion transformers with blocks in one or more lists (`block_lists`, in execution order): block caching
+    over a middle span of all their blocks, whatever the blocks' stream layout (caching/blocks.py reads it from
+    diffusers' transformer block registry); after the CFG stop the text stream of two-stream (MM-DiT) blocks is
+    read from a cache (caching/text_stream.py), or, in models whose blocks cross-attend to the text (Wan,
+    SANA), the cross-attention output (caching/cross_attention.py). Attention through
+    `scaled_dot_product_attention`, which the counter decomposes on the meta device into the same bmm products
+    it separates for the classic processor.
+
+    A new model is an instance (or a small subclass for its meta-device inputs): its diffusers class, its block
+    lists and, where its text modules are named otherwise than SD3's, the modules that only feed the text output."""
 
     name = "transformer"
     block_lists: tuple[str, ...] = ("transformer_blocks",)  # in execution order
+    text_modules: tuple[str, ...] = text_stream.SKIPPED_MODULES  # a two-stream block's modules that only feed its text output
+    model_class: str = ""  # the diffusers class, built on the meta device for counting
 
     def block_names(self, model) -> list[str]:
         return [f"{lists}.{index}" for lists in self.block_lists for index in range(len(model.get_submodule(lists)))]
@@ -168,19 +178,35 @@ class MMDiTKind(DenoiserKind):
     def describe(self, model) -> str:
         return f"transformer ({len(self.block_names(model))} blocks)"
 
+    def size_multiple(self, model) -> int:
+        """The patch's spatial side (video models give (frames, height, width) patches)."""
+        patch = model.config.patch_size
+        return patch[-1] if isinstance(patch, (tuple, list)) else (patch or 1)
+
     def max_cache_branch(self, model) -> int | None:
         deepest = blocks.max_block_branch(len(self.block_names(model)))
         return deepest if deepest >= 0 else None
 
     def install_caches(self, model, config, state) -> None:
-        """Block caching, then the text-stream cache (caching/text_stream.py) in place of cross-attention's."""
+        """Block caching, then the text-stream cache of the two-stream blocks, or the cross-attention cache."""
         self.check(model, config)
-        span = blocks.apply_joint_block_cache(model, self.block_names(model), config.cache_branch, state) if config.deepcache else []
+        names = self.block_names(model)
+        span = blocks.apply_layout_block_cache(model, names, config.cache_branch, state) if config.deepcache else []
         if config.cross_attention_cache:
-            text_stream.apply_text_stream_cache(model, self.block_names(model), config.ca_mode, state, span)
+            if not text_stream.apply_text_stream_cache(model, names, config.ca_mode, state, span, self.text_modules):
+                cross_attention.apply_cross_attention_cache(model, config.ca_mode, state)
+
+    def build(self, config: dict) -> torch.nn.Module:
+        import diffusers
+
+        with torch.device("meta"):
+            return getattr(diffusers, self.model_class).from_config(config)
 
     def prepare_for_counting(self, model) -> None:
         pass
+
+
+MMDiTKind = TransformerKind  # SD3's and FLUX's kinds, the first of them
 
 
 class SD3Kind(MMDiTKind):
@@ -239,8 +265,21 @@ class FluxKind(MMDiTKind):
 DENOISER_KINDS: dict[str, DenoiserKind] = {"unet": UNetKind(), "pixart": PixArtKind(), "sd3": SD3Kind(), "flux": FluxKind()}
 
 
+def register_kind(name: str, kind: DenoiserKind) -> DenoiserKind:
+    """Add a denoiser kind (a model family's module registers its transformer's kind, postdiff/families/)."""
+    DENOISER_KINDS[name] = kind
+    return kind
+
+
+def denoiser_kind(name: str) -> DenoiserKind:
+    """The kind named `name`; the families' modules (which register the newer models' kinds) are imported first."""
+    from . import families  # noqa: F401
+
+    return DENOISER_KINDS[name]
+
+
 def meta_denoiser(spec: DenoiserSpec) -> torch.nn.Module:
-    kind = DENOISER_KINDS[spec.kind]
+    kind = denoiser_kind(spec.kind)
     model = kind.build(spec.config)
     kind.prepare_for_counting(model)
     return model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .accounting import ComponentSpec, ControlNetSpec
 from .config import PostDiffConfig
-from .denoisers import DENOISER_KINDS, DenoiserSpec, meta_denoiser
+from .denoisers import DenoiserSpec, denoiser_kind, meta_denoiser
 from .plan import ModelFacts, StepPlan, make_plan
 from .schedulers import restart_repeats
 
@@ -65,7 +65,7 @@ class ModelSpec:
 
     def facts(self) -> ModelFacts:
         model = meta_denoiser(self.denoiser)
-        return DENOISER_KINDS[self.denoiser.kind].facts(model, self.latent_hw, restart_repeats(self.scheduler))
+        return denoiser_kind(self.denoiser.kind).facts(model, self.latent_hw, restart_repeats(self.scheduler))
 
     def plan(self, config: PostDiffConfig, num_inference_steps: int, do_cfg: bool = True, strength: float = 1.0) -> StepPlan:
         """The plan a call with `num_inference_steps` runs: PLMS's timesteps include its warm-up repeat; an
@@ -91,17 +91,23 @@ def load_model_spec(name: str) -> ModelSpec:
         return _testbed_flow_spec()
     shipped = CONFIG_DIR / f"{name}.json"
     if shipped.exists():
-        data = json.loads(shipped.read_text())
-        side = data["resolution"] // data["vae_scale_factor"]
-        denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"))
-        texts = tuple(ComponentSpec(text["class"], text["config"], text.get("text_length")) for text in data.get("text_encoders", ()))
-        vae = ComponentSpec("AutoencoderKL", data["vae"]) if "vae" in data else None
-        return ModelSpec(name, data["family"], denoiser, (side, side), data["scheduler"], vae, texts,
-                         data.get("negative_prompt_encoded", True), data.get("classifier_free_guidance", True))
+        return _shipped_spec(name, json.loads(shipped.read_text()))
     if any(Path(name, folder, "config.json").exists() for folder in ("unet", "transformer")):
         return _spec_from_folder(Path(name), name)
     raise ValueError(f"model={name!r} is not a shipped model ({', '.join(named_models())}) nor a local diffusers folder "
                      "with unet/config.json or transformer/config.json")
+
+
+def _shipped_spec(name: str, data: dict) -> ModelSpec:
+    """A shipped config: `resolution` (square) or `height` and `width` in pixels; a video model's `latent_frames`
+    (its frame count through the VAE's temporal compression); `vae_class` where the VAE is not an AutoencoderKL."""
+    factor = data["vae_scale_factor"]
+    latent_hw = (data.get("height", data.get("resolution")) // factor, data.get("width", data.get("resolution")) // factor)
+    denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"), data.get("latent_frames", 1))
+    texts = tuple(ComponentSpec(text["class"], text["config"], text.get("text_length")) for text in data.get("text_encoders", ()))
+    vae = ComponentSpec(data.get("vae_class", "AutoencoderKL"), data["vae"]) if "vae" in data else None
+    return ModelSpec(name, data["family"], denoiser, latent_hw, data["scheduler"], vae, texts,
+                     data.get("negative_prompt_encoded", True), data.get("classifier_free_guidance", True))
 
 
 def _testbed_flow_spec() -> ModelSpec:

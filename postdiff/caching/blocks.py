@@ -24,10 +24,13 @@ a resolution switch (the token count changes), cleared at the start and end of e
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
+from ..config import ConfigError
 from .hooks import Hook, install
 from .state import PASS_NAMES, RunState, Slot
 
@@ -96,44 +99,154 @@ def apply_block_cache(model: torch.nn.Module, branch: int, state: RunState, bloc
     return names
 
 
-class JointBlockSpanHook(BlockSpanHook):
-    """The same span cache for MM-DiT blocks (SD3's joint blocks, FLUX's double- and single-stream blocks),
-    which take and return two streams, `(hidden_states, encoder_hidden_states) -> (encoder_hidden_states,
-    hidden_states)`: the span's residual is kept for both, the image and the text stream. Each denoiser pass
-    (`state.pass_name`) has its own slots, so FLUX's separate conditional and unconditional passes of true CFG
-    keep separate residuals."""
+# Block classes diffusers' `TransformerBlockRegistry` does not list (0.42.1): class name -> (index of the image
+# stream in the block's output, index of the text stream or None where the block returns the image stream alone).
+UNLISTED_LAYOUTS = {
+    "ChromaTransformerBlock": (1, 0),
+    "ChromaSingleTransformerBlock": (0, None),
+    "SanaTransformerBlock": (0, None),
+    "HunyuanVideo15TransformerBlock": (0, 1),
+}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one transformer block class takes and returns its streams: the image stream (`hidden`) and, for
+    two-stream (MM-DiT) blocks, the text stream (`text`), by argument name and output index. A one-stream block
+    (a DiT block, or a single-stream block on concatenated tokens) returns its image stream as a tensor."""
+
+    block_class: type
+    hidden_argument: str = "hidden_states"
+    text_argument: str | None = None  # None: one stream
+    hidden_output: int = 0
+    text_output: int | None = None
+
+    @property
+    def two_streams(self) -> bool:
+        return self.text_output is not None
+
+    def streams(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, text stream or None) of a call of the block."""
+        return self._argument(self.hidden_argument, args, kwargs), self.text_input(args, kwargs)
+
+    def text_input(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return self._argument(self.text_argument, args, kwargs) if self.two_streams else None
+
+    def with_text_input(self, args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
+        """The call's arguments with the text stream replaced."""
+        index = self._parameters().index(self.text_argument)
+        if self.text_argument in kwargs or index >= len(args):
+            return args, {**kwargs, self.text_argument: text}
+        return (*args[:index], text, *args[index + 1:]), kwargs
+
+    def output(self, hidden: torch.Tensor, text: torch.Tensor | None):
+        """A block output in the class's own layout."""
+        if not self.two_streams:
+            return hidden
+        out = [None, None]
+        out[self.hidden_output], out[self.text_output] = hidden, text
+        return tuple(out)
+
+    def split(self, output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image stream, text stream or None) of a block's output."""
+        if not self.two_streams:
+            return (output[self.hidden_output] if isinstance(output, tuple) else output), None
+        return output[self.hidden_output], output[self.text_output]
+
+    def _argument(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        index = self._parameters().index(name)
+        return args[index] if index < len(args) else None
+
+    def _parameters(self) -> list[str]:
+        return list(inspect.signature(self.block_class.forward).parameters)[1:]
+
+
+def block_layout(block: torch.nn.Module) -> BlockLayout:
+    """The layout of `block`'s class: from diffusers' transformer block registry (what its own caches read),
+    else from UNLISTED_LAYOUTS."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    for cls in type(unwrap_module(block)).__mro__:  # PostDiff's hooked subclass first, then the model's class
+        try:
+            metadata = TransformerBlockRegistry.get(cls)
+        except ValueError:
+            if cls.__name__ not in UNLISTED_LAYOUTS:
+                continue
+            hidden_output, text_output = UNLISTED_LAYOUTS[cls.__name__]
+            hidden_argument, text_argument = "hidden_states", "encoder_hidden_states"
+        else:
+            hidden_output, text_output = metadata.return_hidden_states_index, metadata.return_encoder_hidden_states_index
+            hidden_argument, text_argument = metadata.hidden_states_argument_name, metadata.encoder_hidden_states_argument_name
+        break
+    else:
+        raise ConfigError(f"{type(unwrap_module(block)).__name__} is not in diffusers' transformer block registry nor in "
+                          "postdiff's UNLISTED_LAYOUTS: its stream layout is unknown, so its blocks cannot be cached")
+    parameters = list(inspect.signature(cls.forward).parameters)
+    if hidden_argument not in parameters:  # ZImage's blocks name the image stream `x`
+        hidden_argument = parameters[1]
+    two = text_output is not None
+    return BlockLayout(cls, hidden_argument, text_argument if two else None, hidden_output or 0, text_output)
+
+
+class LayoutBlockSpanHook(BlockSpanHook):
+    """The span cache on blocks of any registered layout: one-stream blocks (Wan, Z-Image, SANA, the
+    single-stream blocks of FLUX.2 and Chroma) keep the image stream's residual, two-stream blocks (SD3's joint
+    blocks, FLUX's, Qwen-Image's, HunyuanVideo-1.5's) the residuals of both streams. Each denoiser pass
+    (`state.pass_name`) has its own slots, so separate conditional and unconditional passes of true CFG keep
+    separate residuals."""
+
+    def __init__(self, state: RunState, slots: dict[str, SpanSlots], first: bool, last: bool, layout: BlockLayout):
+        super().__init__(state, slots, first, last)
+        self.layout = layout
 
     def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
         step = self.state.step
         if step is None:
             return forward(*args, **kwargs)
-        hidden, text = _streams(args, kwargs)
+        layout = self.layout
+        hidden, text = layout.streams(args, kwargs)
         slots = self.slots[self.state.pass_name]
         if step.deep == "cached":
             if not self.first:
-                return text, hidden
-            text_residual, hidden_residual = slots.residual.value
-            return text + text_residual, hidden + hidden_residual
+                return layout.output(hidden, text)
+            hidden_residual, text_residual = slots.residual.value
+            return layout.output(hidden + hidden_residual, None if text is None else text + text_residual)
         if self.first:
-            slots.span_input.value = (text, hidden)
-        text_out, hidden_out = forward(*args, **kwargs)
+            slots.span_input.value = (hidden, text)
+        output = forward(*args, **kwargs)
         if self.last:
-            text_in, hidden_in = slots.span_input.value
-            slots.residual.value, slots.span_input.value = (text_out - text_in, hidden_out - hidden_in), None
-        return text_out, hidden_out
+            hidden_out, text_out = layout.split(output)
+            hidden_in, text_in = slots.span_input.value
+            text_residual = None if text_out is None else text_out - text_in
+            slots.residual.value, slots.span_input.value = (hidden_out - hidden_in, text_residual), None
+        return output
 
 
-def _streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden_states, encoder_hidden_states) of an MM-DiT block call, by keyword or position."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-    return hidden, text
+def span_runs(model: torch.nn.Module, names: list[str]) -> list[list[str]]:
+    """The span cut where the stream layout changes (FLUX.2's and Chroma's double- then single-stream blocks: the
+    single-stream blocks take the two streams concatenated): each run keeps a residual of its own."""
+    runs: list[list[str]] = []
+    previous = None
+    for name in names:
+        two = block_layout(model.get_submodule(name)).two_streams
+        if runs and two == previous:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+        previous = two
+    return runs
 
 
-def apply_joint_block_cache(model: torch.nn.Module, block_names: list[str], branch: int, state: RunState) -> list[str]:
-    """Hook the cached span of the MM-DiT blocks named in execution order; returns the hooked names."""
+def apply_layout_block_cache(model: torch.nn.Module, block_names: list[str], branch: int, state: RunState) -> list[str]:
+    """Hook the cached span of the transformer blocks named in execution order; returns the hooked names."""
     span = [block_names[index] for index in cached_span(len(block_names), branch)]
-    slots = span_slots(state, PASS_NAMES)
-    for name in span:
-        install(model.get_submodule(name), JointBlockSpanHook(state, slots, first=name == span[0], last=name == span[-1]))
+    for run_index, run in enumerate(span_runs(model, span)):
+        prefix = f"run{run_index}:" if run_index else ""
+        slots = {name: SpanSlots(state.declare(state.deep, name + prefix + RESIDUAL),
+                                 state.declare(state.deep, name + prefix + SPAN_INPUT)) for name in PASS_NAMES}
+        for name in run:
+            block = model.get_submodule(name)
+            install(block, LayoutBlockSpanHook(state, slots, first=name == run[0], last=name == run[-1], layout=block_layout(block)))
     return span

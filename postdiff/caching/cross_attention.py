@@ -11,6 +11,7 @@ reuses it (by the RunState, outside the hook: compiled code sees the same work o
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
 from .hooks import Hook, install
@@ -48,7 +49,9 @@ class CrossAttentionCacheHook(Hook):
 
 
 def cross_attention_modules(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, Attention) and module.is_cross_attention]
+    """Every attention module that attends to the text (`Attention`, or a model's own class such as Wan's)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (Attention, AttentionModuleMixin)) and getattr(module, "is_cross_attention", False)]
 
 
 def apply_cross_attention_cache(model: torch.nn.Module, mode: str, state: RunState, prefix: str = "") -> list[str]:

@@ -21,34 +21,35 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import _streams
+from .blocks import BlockLayout, block_layout
 from .cross_attention import combine
 from .hooks import Hook, install
 from .state import RunState, Slot
-SKIPPED_MODULES = ("ff_context", "attn.to_add_out")  # only feed the text stream's output
+SKIPPED_MODULES = ("ff_context", "attn.to_add_out")  # only feed the text stream's output (SD3's, FLUX's names)
 
 
 class TextStreamBlockHook(Hook):
     """On a joint block: records its text input and output before the stop; reads them after."""
 
-    def __init__(self, state: RunState, mode: str, in_cached_span: bool, slot: Slot):
+    def __init__(self, state: RunState, mode: str, in_cached_span: bool, slot: Slot, layout: BlockLayout):
         self.state = state
+        self.layout = layout
         self.mode = mode
         self.in_cached_span = in_cached_span  # skipped by block caching on its cached steps: nothing to record then
         self.slot = slot  # (text input, text output)
         self.variant = (in_cached_span,)
 
     def new_forward(self, module: torch.nn.Module, forward, *args, **kwargs):
-        state, step = self.state, self.state.step
+        step, layout = self.state.step, self.layout
         if step is not None and step.cross_attention == "cached":
             text_in, text_out = self.slot.value
-            args, kwargs = _with_text(args, kwargs, text_in)
-            return text_out, forward(*args, **kwargs)[1]
-        text_out, hidden_out = forward(*args, **kwargs)
+            args, kwargs = layout.with_text_input(args, kwargs, text_in)
+            return layout.output(layout.split(forward(*args, **kwargs))[0], text_out)
+        output = forward(*args, **kwargs)
         ran = not (self.in_cached_span and step is not None and step.deep == "cached")
         if step is not None and step.capture_cross_attention and ran:  # keep what the block last computed
-            self._record(_streams(args, kwargs)[1], text_out)
-        return text_out, hidden_out
+            self._record(layout.text_input(args, kwargs), layout.split(output)[1])
+        return output
 
     def _record(self, text_in: torch.Tensor, text_out: torch.Tensor) -> None:
         state = self.state
@@ -78,17 +79,11 @@ class SkipOnCachedTextHook(Hook):
         return forward(hidden_states, *args, **kwargs)
 
 
-def _with_text(args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
-    if "encoder_hidden_states" in kwargs:
-        return args, {**kwargs, "encoder_hidden_states": text}
-    return (args[0], text, *args[2:]), kwargs
-
-
-def text_stream_blocks(model: torch.nn.Module, block_names: list[str]) -> list[str]:
-    """The blocks with a text stream of their own to cache: joint blocks that update the text (not SD3's
-    `context_pre_only` last block, not FLUX's single-stream blocks)."""
-    return [name for name in block_names
-            if all(_has(model.get_submodule(name), part) for part in SKIPPED_MODULES)]
+def text_stream_blocks(model: torch.nn.Module, block_names: list[str], skipped: tuple[str, ...] = SKIPPED_MODULES) -> list[str]:
+    """The blocks with a text stream of their own to cache: two-stream blocks that update the text (they have
+    the modules `skipped` names: not SD3's `context_pre_only` last block, not FLUX's single-stream blocks)."""
+    return [name for name in block_names if block_layout(model.get_submodule(name)).two_streams
+            and all(_has(model.get_submodule(name), part) for part in skipped)]
 
 
 def _has(module: torch.nn.Module, dotted: str) -> bool:
@@ -100,12 +95,14 @@ def _has(module: torch.nn.Module, dotted: str) -> bool:
 
 
 def apply_text_stream_cache(model: torch.nn.Module, block_names: list[str], mode: str, state: RunState,
-                            cached_span: list[str] = ()) -> list[str]:
-    """Hook the joint blocks (after block caching, so this hook is the outer one); returns their names."""
-    names = text_stream_blocks(model, block_names)
+                            cached_span: list[str] = (), skipped: tuple[str, ...] = SKIPPED_MODULES) -> list[str]:
+    """Hook the two-stream blocks (after block caching, so this hook is the outer one); `skipped`: the block's
+    modules that only feed its text output (the model's names). Returns the hooked blocks' names."""
+    names = text_stream_blocks(model, block_names, skipped)
     for name in names:
         block = model.get_submodule(name)
-        install(block, TextStreamBlockHook(state, mode, name in cached_span, state.declare(state.cross_attention, name)))
-        for part in SKIPPED_MODULES:
+        slot = state.declare(state.cross_attention, name)
+        install(block, TextStreamBlockHook(state, mode, name in cached_span, slot, block_layout(block)))
+        for part in skipped:
             install(block.get_submodule(part), SkipOnCachedTextHook(state))
     return names
