@@ -1,4 +1,4 @@
-"""The README's compute table (section "Compute accounting"): denoiser MACs of the shipped models for the
+"""The compute table of docs/accounting.md: denoiser MACs of the shipped models for the
 paper's configurations, beside the paper's numbers, plus the checks behind "Why the numbers differ".
 
     python bench/accounting_table.py [--out PATH]

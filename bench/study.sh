@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compute-optimal study on the embedded model (README, "Findings"): one sweep store, then calibration
+# The compute-optimal study on the embedded model (docs/findings.md): one sweep store, then calibration
 # and the report. Every command appends to the same store and skips what is already there, so the script
 # can be killed and started again at any point.
 #

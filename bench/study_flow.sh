@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compute-optimal study on the embedded flow model (README, "Findings: the embedded flow model"): one sweep
+# The compute-optimal study on the embedded flow model (docs/findings.md, "the embedded flow model"): one sweep
 # store with PostDiff's options and diffusers' own caches side by side, calibration under 40% and 25% of the
 # 20-step baseline's MACs, and the report. Every command appends to the same store and skips what is already
 # there, so the script can be killed and started again at any point. About 75 minutes on this 2-core CPU.

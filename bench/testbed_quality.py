@@ -1,4 +1,4 @@
-"""Quality of the embedded model against compute: the README's "Embedded model" numbers.
+"""Quality of the embedded model against compute: the numbers of docs/embedded-models.md.
 
     python bench/testbed_quality.py --per-class 100 --out docs
 

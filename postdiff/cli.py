@@ -151,6 +151,15 @@ def flops(
 
 
 @app.command()
+def pipelines():
+    """The supported pipelines (from the adapter registry), the preset each gets and the denoiser MACs the
+    "paper" preset saves on the shipped full-size configs of its family: the README's table, as Markdown."""
+    from .supported import markdown_table
+
+    print(markdown_table())
+
+
+@app.command()
 @with_config_flags
 def generate(
     config_flags: dict,

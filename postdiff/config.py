@@ -14,13 +14,17 @@ KEYED_WHEN_SET = ("switch_noise", "controlnet_cache", "low_res_shift")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 # The rectified-flow families, which the paper does not cover, take theirs from the study on the embedded flow
-# model (README, "Findings: the embedded flow model"): 3/4, with the low-resolution phase on its own schedule.
+# model (docs/findings.md, "the embedded flow model"): 3/4, with the low-resolution phase on its own schedule.
 FLOW_FAMILIES = ("sd3", "flux", "testbed-flow")
-PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75, **{family: 0.75 for family in FLOW_FAMILIES}}
+# The newer models (README, "Supported pipelines"; docs/pipelines.md): no trained testbed of theirs, so their presets are the flow
+# model's, stated as untested defaults.
+UNTESTED_FLOW_FAMILIES = ("flux2", "flux2-klein", "chroma", "qwen-image", "z-image", "sana", "wan", "hunyuan-video15")
+PAPER_BETA = {"sd": 0.5, "testbed": 0.5, "sdxl": 0.75, "pixart": 0.75,
+              **{family: 0.75 for family in FLOW_FAMILIES + UNTESTED_FLOW_FAMILIES}}
 FLOW_PAPER_SETTINGS = {"low_res_shift": "own"}
 # The presets' cache branch: U-Nets 1 (the paper's DeepCache FLOPs); DiTs 0 (caching/blocks.py: first and
 # last block run, the rest cached), the paper names no DiT setting.
-DIT_FAMILIES = ("pixart", *FLOW_FAMILIES)
+DIT_FAMILIES = ("pixart", *FLOW_FAMILIES, *UNTESTED_FLOW_FAMILIES)
 
 
 class ConfigError(ValueError):
@@ -127,7 +131,7 @@ class PostDiffConfig:
 
         "paper" is the configuration of the paper's headline PostDiff rows: their FLOPs are exactly mixed
         resolution (s=1/2) times DeepCache (k=2), with CFG kept (19.035 x 17.787 / 30.420 = 11.130; the paper's
-        "SD v1.5" numbers are SD 2.1's U-Net at 768 px, see README).
+        "SD v1.5" numbers are SD 2.1's U-Net at 768 px, see docs/accounting.md).
         Cross-attention caching is opt-in with `cfg_stop`.
         Without `family`, a `Preset` that `postdiff.apply` resolves for the pipeline it is applied to.
         """
@@ -140,7 +144,7 @@ class PostDiffConfig:
         branch = 0 if family in DIT_FAMILIES else 1
         if name == "deepcache":
             return cls(cache_interval=2, cache_branch=branch)
-        flow = FLOW_PAPER_SETTINGS if family in FLOW_FAMILIES else {}
+        flow = FLOW_PAPER_SETTINGS if family in FLOW_FAMILIES + UNTESTED_FLOW_FAMILIES else {}
         return cls(beta=PAPER_BETA[family], switch=0.5, cache_interval=2, cache_branch=branch, **flow)
 
     def with_changes(self, **changes) -> "PostDiffConfig":

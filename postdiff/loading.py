@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-EMBEDDED_GUIDANCE = 3.0  # chosen on the evaluator for the U-Net testbed (README, "Embedded model")
+EMBEDDED_GUIDANCE = 3.0  # chosen on the evaluator for the U-Net testbed (docs/embedded-models.md)
 DIFFUSERS_GUIDANCE = 7.5  # the usual default of SD-style pipelines
 EMBEDDED = {"testbed": "TestbedPipeline", "testbed-flow": "TestbedFlowPipeline"}  # name -> pipeline class
 

@@ -114,7 +114,7 @@ def test_plan_cli_prints_the_plan():
 
 
 def test_flops_cli_reproduces_the_papers_absolute_numbers_at_sd21_768():
-    """The paper's "SD v1.5" FLOPs are SD 2.1's U-Net at 768 px (README, Compute accounting)."""
+    """The paper's "SD v1.5" FLOPs are SD 2.1's U-Net at 768 px (docs/accounting.md)."""
     rows = {
         ("--steps", "20"): 30.420,
         ("--steps", "8"): 12.168,
