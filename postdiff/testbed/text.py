@@ -67,8 +67,9 @@ def _word_pieces() -> list[str]:
             words.update(part for part in name.replace("-", " - ").replace("/", " / ").split())
     return sorted(w for w in words if w.isalpha())
 
-def write_tokenizer_files(folder: Path, max_length: int = MAX_LENGTH) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json for `CLIPTokenizer.from_pretrained(folder)`."""
+def write_tokenizer_files(folder: Path, max_length: int = MAX_LENGTH, extra_words: tuple[str, ...] = ()) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json for `CLIPTokenizer.from_pretrained(folder)`;
+    `extra_words` (the video model's motions) come after the image models' words, whose ids stay as they are."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {}
@@ -82,7 +83,8 @@ def write_tokenizer_files(folder: Path, max_length: int = MAX_LENGTH) -> Path:
         add(char)
         add(char + "</w>")
     merges: list[str] = []
-    for word in _word_pieces():
+    known = _word_pieces()
+    for word in known + sorted(set(extra_words) - set(known)):
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         merged = symbols[0]
         for symbol in symbols[1:]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import typer
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 
-from . import flow_model
+from . import flow_model, video_data, video_model
 from .data import dataset_checksum, load_split, to_model_range
 from .model import SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS_DIR, build_pipeline
 from .text import EMPTY_CAPTION_SHARE, caption_for
@@ -46,6 +46,7 @@ class TrainConfig:
     min_snr_gamma: float = 5.0  # the U-Net's objective only
     seed: int = 0
     threads: int = 2
+    short_clips: float = 0.0  # the video model's share of batches with every other frame only
 
 
 def epsilon_loss(pipe, images: torch.Tensor, captions: list[str], generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
@@ -77,6 +78,34 @@ def velocity_loss(pipe, images: torch.Tensor, captions: list[str], generator: to
     return F.mse_loss(prediction, noise - images)
 
 
+def video_velocity_loss(pipe, clips: torch.Tensor, captions: list[str], generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """The video transformer's objective: the flow model's, on clips (B, 1, F, H, W), the text through Wan's
+    `encode_prompt` (the pipeline's own, as in sampling)."""
+    noise = torch.randn(clips.shape, generator=generator)
+    u = compute_density_for_timestep_sampling("logit_normal", len(clips), logit_mean=0.0, logit_std=1.0, generator=generator)
+    shift = pipe.scheduler.config.shift
+    sigmas = (shift * u / (1 + (shift - 1) * u))[:, None, None, None, None]
+    noisy = (1 - sigmas) * clips + sigmas * noise
+    text, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, device=clips.device)
+    timesteps = sigmas.flatten() * pipe.scheduler.config.num_train_timesteps
+    prediction = pipe.transformer(noisy, timestep=timesteps, encoder_hidden_states=text).sample
+    return F.mse_loss(prediction, noise - clips)
+
+
+def video_batch(trainer: "Trainer", images: torch.Tensor, labels: list[int], size: int | None) -> tuple[torch.Tensor, list[str]]:
+    """Moving clips of the batch's images (a random motion each), at `size` if given and, for a share of the
+    batches (`config.short_clips`), with every other frame only (PostDiff's temporal low-resolution phase)."""
+    motions = torch.randint(0, len(video_data.MOTIONS), (len(images),), generator=trainer.generator)
+    clips = video_data.move(images, motions)
+    if size is not None:
+        frames = F.interpolate(clips.transpose(1, 2).flatten(0, 1), size=size, mode="area")
+        clips = frames.reshape(len(images), -1, 1, size, size).transpose(1, 2)
+    if torch.rand((), generator=trainer.generator).item() < trainer.config.short_clips:
+        clips = clips[:, :, ::2]
+    captions = [video_data.video_caption(label, int(m), trainer.caption_rng) for label, m in zip(labels, motions)]
+    return clips.contiguous(), captions
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """What differs between the embedded models; everything else is the one training loop."""
@@ -89,6 +118,7 @@ class ModelKind:
     out_dir: Path
     record: dict  # model configs written to training_record.json
     defaults: dict = field(default_factory=dict)  # TrainConfig fields that differ from the U-Net's
+    batch: Optional[Callable] = None  # (trainer, images, labels, size) -> (samples, captions); None: the images
 
 
 KINDS = {
@@ -99,6 +129,13 @@ KINDS = {
                       "velocity MSE", Path("runs/testbed-flow"), flow_model.FLOW_WEIGHTS_DIR,
                       {"transformer_config": flow_model.TRANSFORMER_CONFIG, "scheduler_config": flow_model.SCHEDULER_CONFIG},
                       dict(warmup_steps=200, low_res=((16, 0.15), (24, 0.15)))),
+    # Clips: 15% of the batches at 16 px, 15% at 24 px, and 20% (of any size) with every other frame only.
+    "video": ModelKind(video_model.build_video_pipeline, ("transformer", "text_encoder"), video_velocity_loss,
+                       "velocity MSE", Path("runs/testbed-video"), video_model.VIDEO_WEIGHTS_DIR,
+                       {"transformer_config": video_model.VIDEO_TRANSFORMER_CONFIG,
+                        "scheduler_config": video_model.VIDEO_SCHEDULER_CONFIG, "num_frames": video_data.NUM_FRAMES},
+                       dict(warmup_steps=200, batch_size=32, low_res=((16, 0.15), (24, 0.15)), short_clips=0.2),
+                       batch=video_batch),
 }
 
 
@@ -166,6 +203,8 @@ class Trainer:
         index = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.generator)
         images = self.images[index]
         size = self._low_res_size(torch.rand((), generator=self.generator).item())
+        if self.kind.batch is not None:
+            return self.kind.batch(self, images, [int(self.labels[i]) for i in index], size)
         if size is not None:
             images = F.interpolate(images, size=size, mode="area")
         captions = [caption_for(int(self.labels[i]), self.caption_rng) for i in index]
@@ -255,9 +294,9 @@ def plot_loss(log_path: Path, png_path: Path, label: str, window: int = 50) -> N
 def main(
     model: str = typer.Option("unet", help=f"which embedded model: {' or '.join(KINDS)}"),
     work_dir: Optional[Path] = typer.Option(None, help="checkpoints and loss log (resumed when present); "
-                                            "default runs/testbed (unet), runs/testbed-flow (flow)"),
+                                            "default runs/testbed (unet), runs/testbed-flow (flow), runs/testbed-video (video)"),
     out_dir: Optional[Path] = typer.Option(None, help="where the trained pipeline is saved; default: the shipped weights"),
-    steps: Optional[int] = typer.Option(None, min=1, help="default 2000 (both)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="default 2000 (every model)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help=f"default {TrainConfig.batch_size}"),
     seed: int = typer.Option(TrainConfig.seed),
     threads: int = typer.Option(TrainConfig.threads, min=1, help="torch threads"),
