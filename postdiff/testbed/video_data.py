@@ -1,6 +1,6 @@
 """Moving Fashion-MNIST clips for the embedded video model: a real Fashion-MNIST image moved over the clip's
-frames by one of eight motions (translation in four directions, zoom in and out, rotation both ways), with the
-class and the motion in the caption; and the motion recovered from generated frames, for the evaluator.
+frames by one of eight motions (translation in four directions, zoom in and out, turning left or right), with
+the class and the motion in the caption; and the motion recovered from generated frames, for the evaluator.
 
 Every motion is an affine map per frame (`motion_matrices`), applied with `affine_grid` / `grid_sample`, so the
 clips are made in a batch and the evaluator can recover the motion by asking which of the eight maps, applied
@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from .text import caption_for
 
 NUM_FRAMES = 8
-# Per clip, over its frames (first frame unmoved): shift of 1/4 of the image, zoom 1 <-> 0.6, rotation 45 degrees.
+# Per clip, over its frames: a shift of 1/4 of the image, zoom 1 <-> 0.6, a turn of 45 degrees.
 SHIFT, ZOOM, ANGLE = 0.5, 0.6, math.pi / 4  # SHIFT in grid units ([-1, 1] spans the image)
-MOTIONS = ("moving left", "moving right", "moving up", "moving down", "zooming in", "zooming out",
-           "rotating clockwise", "rotating counterclockwise")
-MOTION_WORDS = ("moving", "left", "right", "up", "down", "zooming", "in", "out", "rotating", "clockwise", "counterclockwise")
+# Turning left is counterclockwise. Words the tokenizer makes one token each (a word holding another one, such as
+# "counterclockwise", would be split by the other's merges), so the longest caption fits its 16 tokens.
+MOTIONS = ("moving left", "moving right", "moving up", "moving down", "zooming in", "zooming out", "turning left",
+           "turning right")
+MOTION_WORDS = ("moving", "left", "right", "up", "down", "zooming", "in", "out", "turning")
 
 
 def motion_matrices(motion: int, num_frames: int = NUM_FRAMES) -> torch.Tensor:
@@ -38,7 +40,7 @@ def motion_matrices(motion: int, num_frames: int = NUM_FRAMES) -> torch.Tensor:
         scale = 1 + (ZOOM - 1) * progress if name.endswith("out") else ZOOM + (1 - ZOOM) * progress
         matrices[:, 0, 0] = matrices[:, 1, 1] = 1 / scale
     else:
-        angle = ANGLE * progress * (1.0 if name.endswith("counterclockwise") else -1.0)
+        angle = ANGLE * progress * (1.0 if name.endswith("left") else -1.0)
         matrices[:, 0, 0], matrices[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
         matrices[:, 1, 0], matrices[:, 1, 1] = torch.sin(angle), torch.cos(angle)
     return matrices
