@@ -33,12 +33,23 @@ class Patch:
     state: RunState = field(default_factory=RunState)
 
     def reference_call(self):
-        """The `__call__` whose signature the patched call keeps (the pipeline's own, or its SD base's)."""
-        for cls in self.original_class.__mro__:
-            call = cls.__dict__.get("__call__")
-            if call is not None and _has_named_parameters(call):
-                return call
-        raise ConfigError(f"{self.original_class.__name__}.__call__ has no named parameters to bind")
+        return class_reference_call(self.original_class)
+
+
+def class_reference_call(cls: type):
+    """The `__call__` whose signature a patched call keeps: the class's own, or, where a subclass takes `*args`
+    (the embedded models' pixel-space decode), its diffusers base's."""
+    for base in cls.__mro__:
+        call = base.__dict__.get("__call__")
+        if call is not None and _has_named_parameters(call):
+            return call
+    raise ConfigError(f"{cls.__name__}.__call__ has no named parameters to bind")
+
+
+def reference_call(pipe):
+    """`class_reference_call` of the pipeline as the user made it (under PostDiff: its original class)."""
+    patch = pipe.__dict__.get("_postdiff")
+    return class_reference_call(patch.original_class if patch is not None else type(pipe))
 
 
 def _has_named_parameters(function) -> bool:

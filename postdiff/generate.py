@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from . import api
 from .config import PostDiffConfig, build_config
-from .loading import is_testbed, load_pipeline
+from .loading import call_defaults, is_testbed, load_pipeline
 from .models import plan_macs_per_image
 from .testbed.data import CLASS_NAMES
 from .testbed.text import classes_named
@@ -38,20 +39,33 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
 
 
 def timed_run(pipe, config: PostDiffConfig, arguments: dict, seed: int):
+    """(images, or clips as lists of frames; wall seconds; denoiser MACs per image or clip)."""
     with api.applied(pipe, config):
         plan = api.plan_call(pipe, **arguments)
         started = time.perf_counter()
-        images = pipe(**arguments, generator=torch.Generator().manual_seed(seed)).images
+        output = pipe(**arguments, generator=torch.Generator().manual_seed(seed))
         seconds = time.perf_counter() - started
         macs = plan_macs_per_image(pipe, plan)
-    return images, seconds, macs
+    return (output.frames if hasattr(output, "frames") else output.images), seconds, macs
 
 
-def save(images: list[Image.Image], folder: Path, stem: str) -> None:
+def save(images: list, folder: Path, stem: str) -> None:
+    """PNGs and a grid of images; for clips (lists of frames) a GIF each and a grid, a clip a row."""
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(images[0], list):
+        for index, frames in enumerate(images):
+            frames[0].save(folder / f"{stem}_{index:03d}.gif", save_all=True, append_images=frames[1:], duration=125, loop=0)
+        image_grid([frame for frames in images for frame in frames], columns=len(images[0])).save(folder / f"{stem}_grid.png")
+        return
     for index, image in enumerate(images):
         image.save(folder / f"{stem}_{index:03d}.png")
     image_grid(images).save(folder / f"{stem}_grid.png")
+
+
+def batch_argument(pipe) -> str:
+    """The name a pipeline gives its images per prompt (video pipelines: `num_videos_per_prompt`)."""
+    return "num_videos_per_prompt" if "num_videos_per_prompt" in inspect.signature(api.reference_call(pipe)).parameters \
+        else "num_images_per_prompt"
 
 
 def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model, guidance_scale, negative_prompt, console):
@@ -61,13 +75,15 @@ def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model
     pipe, default_guidance = load_pipeline(model)
     config = build_config(api.preset_family(pipe), **config_flags) if any(v is not None for v in config_flags.values()) \
         else PostDiffConfig.preset("paper", family=api.preset_family(pipe))
-    arguments = dict(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images,
-                     num_inference_steps=steps, guidance_scale=guidance_scale or default_guidance)
+    arguments = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                     guidance_scale=guidance_scale or default_guidance, **{batch_argument(pipe): num_images}, **call_defaults(pipe))
+    if batch_argument(pipe) == "num_videos_per_prompt":
+        arguments["output_type"] = "pil"  # clips as lists of PIL frames
     with api.applied(pipe, config):
         api.plan_call(pipe, **arguments)  # refuses a bad config before anything runs
     # One short untimed call first: the first call of a process pays one-off costs (allocator, kernels) that
     # would otherwise be charged to the baseline, which runs first.
-    pipe(**{**arguments, "num_inference_steps": 2, "num_images_per_prompt": 1}, output_type="latent")
+    pipe(**{**arguments, "num_inference_steps": 2, batch_argument(pipe): 1, "output_type": "latent"})
     runs = {"baseline": PostDiffConfig(), "postdiff": config}
     results = {}
     for label, run_config in runs.items():

@@ -1,4 +1,4 @@
-"""Loading a pipeline by name: an embedded model ("testbed", the default, or "testbed-flow"; or a folder saved
+"""Loading a pipeline by name: an embedded model ("testbed", the default, "testbed-flow" or "testbed-video"; or a folder saved
 by their training), or any diffusers pipeline (a local folder or a hub id) through
 `DiffusionPipeline.from_pretrained`."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 EMBEDDED_GUIDANCE = 3.0  # chosen on the evaluator for the U-Net testbed (docs/embedded-models.md)
 DIFFUSERS_GUIDANCE = 7.5  # the usual default of SD-style pipelines
-EMBEDDED = {"testbed": "TestbedPipeline", "testbed-flow": "TestbedFlowPipeline"}  # name -> pipeline class
+EMBEDDED = {"testbed": "TestbedPipeline", "testbed-flow": "TestbedFlowPipeline", "testbed-video": "TestbedVideoPipeline"}
 
 
 def embedded_name(model: str | None) -> str | None:
@@ -30,6 +30,16 @@ def is_testbed(model: str | None) -> bool:
     return embedded_name(model) is not None
 
 
+def call_defaults(pipe) -> dict:
+    """Call arguments a pipeline needs beyond the prompt: the embedded video model's clip size and frames (Wan's
+    own defaults are 480x832, 81 frames)."""
+    if type(pipe).__name__ == EMBEDDED["testbed-video"]:
+        from .testbed.video_model import DEFAULT_CALL
+
+        return dict(DEFAULT_CALL)
+    return {}
+
+
 def load_pipeline(model: str | None = None):
     """(pipeline, its default guidance scale)."""
     name = embedded_name(model)
@@ -42,6 +52,10 @@ def load_pipeline(model: str | None = None):
         from .testbed.flow_model import load_flow_pipeline
 
         return load_flow_pipeline(folder), EMBEDDED_GUIDANCE
+    if name == "testbed-video":
+        from .testbed.video_model import load_video_pipeline
+
+        return load_video_pipeline(folder), EMBEDDED_GUIDANCE
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model), DIFFUSERS_GUIDANCE

@@ -3,6 +3,7 @@ and two numbers per configuration, "fd" (lower is better) and "alignment" (highe
 
 - `FashionClasses`: the embedded model's 10 class prompts, scored by the shipped evaluator (FD against
   the Fashion-MNIST test split; alignment = share of images classified as the prompted class).
+- `MovingFashion`: the embedded video model's class x motion prompts, scored by the clip evaluator.
 - `PromptFile`: any supported pipeline, prompts from a text file (one per line), scored with the standard
   metrics: "fd" is FID (torchmetrics, Inception-v3 pool3) against a folder of reference images, "alignment"
   is the CLIP score (openai/clip-vit-large-patch14 by default). Both need their weights present (downloaded
@@ -17,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..loading import is_testbed, load_pipeline
+from ..loading import embedded_name, is_testbed, load_pipeline
 from ..testbed.data import CLASS_NAMES
 from ..testbed.text import canonical_prompt
+from ..testbed.video_data import video_prompt
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -81,6 +83,52 @@ class FashionClasses(Workload):
         return {"fd": self.evaluator.frechet_distance(images), "alignment": self.evaluator.alignment(images, prompt_indices)}
 
 
+class MovingFashion(Workload):
+    """The embedded video model's prompts: each class with each motion ("a photo of a bag zooming in"), clips of
+    the model's size, scored by the clip evaluator (testbed/video_evaluator.py): "fd" the frame FD, "alignment"
+    the frames' class accuracy, and "motion" (motion accuracy) and "temporal" (the consecutive-frame feature
+    distance over real clips') beside them."""
+
+    name = "moving-fashion-mnist"
+
+    def __init__(self, evaluator=None):
+        from ..testbed.video_data import MOTIONS
+        from ..testbed.video_model import DEFAULT_CALL
+
+        self._evaluator = evaluator
+        self.pairs = [(label, motion) for label in range(len(CLASS_NAMES)) for motion in range(len(MOTIONS))]
+        self.prompts = [video_prompt(label, motion) for label, motion in self.pairs]
+        self.call_arguments = {"negative_prompt": "", **DEFAULT_CALL}
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from ..testbed.video_evaluator import VideoEvaluator
+
+            self._evaluator = VideoEvaluator()
+        return self._evaluator
+
+    def generate(self, pipe, indices, per_prompt: int, steps: int, guidance_scale: float, seed: int, before_call=None):
+        """Clips (N, 1, F, H, W) in [-1, 1], one seeded call per prompt (`seed + index`), and their prompt indices."""
+        clips, prompt_indices = [], []
+        for index in indices:
+            if before_call is not None:
+                before_call(seed + index)
+            frames = pipe(self.prompts[index], num_videos_per_prompt=per_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, output_type="latent",
+                          generator=torch.Generator().manual_seed(seed + index), **self.call_arguments).frames
+            clips.append(frames.clamp(-1, 1))
+            prompt_indices.extend([index] * per_prompt)
+        return torch.cat(clips), np.asarray(prompt_indices)
+
+    def score(self, clips, prompt_indices) -> dict:
+        labels = [self.pairs[index][0] for index in prompt_indices]
+        motions = [self.pairs[index][1] for index in prompt_indices]
+        scores = self.evaluator.score(torch.as_tensor(clips), labels, motions)
+        return {"fd": scores.frame_fd, "alignment": scores.class_accuracy, "motion": scores.motion_accuracy,
+                "temporal": scores.temporal_ratio}
+
+
 class PromptFile(Workload):
     def __init__(self, prompts_path: Path, reference_dir: Path, fid_features=None, clip_model=None, clip_processor=None):
         """`fid_features`: None for Inception-v3, or a module (see `metrics.standard_fid`); `clip_model` and
@@ -129,7 +177,10 @@ def open_workload(model: str | None, prompts: Path | None, reference: Path | Non
         raise ValueError("--prompts and --reference are for pipelines other than the embedded model (give --model)")
     if not testbed and not (prompts and reference):
         raise ValueError(f"model={model!r} is not the embedded model: give --prompts FILE and --reference DIR to score it")
-    workload = FashionClasses() if testbed else PromptFile(prompts, reference, clip_model=clip_model)
+    if testbed:
+        workload = MovingFashion() if embedded_name(model) == "testbed-video" else FashionClasses()
+    else:
+        workload = PromptFile(prompts, reference, clip_model=clip_model)
     pipe, _ = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe, workload
