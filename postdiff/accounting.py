@@ -92,6 +92,8 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controln
     ControlNets too, when given)."""
     if plan.facts.text_length is not None:  # the call's own text length (T5 tokens)
         spec = replace(spec, text_length=plan.facts.text_length)
+    if plan.facts.condition_hw is not None:  # the call's condition image (an edit's), its tokens in every step
+        spec = replace(spec, condition_hw=plan.facts.condition_hw)
     kind = denoiser_kind(spec.kind)
     model = meta_denoiser(spec)
     state = RunState()
@@ -102,10 +104,11 @@ def plan_costs(spec: DenoiserSpec, plan: StepPlan, num_images: int = 1, controln
     with torch.no_grad():
         for step in plan.steps:
             state.enter(step)  # events (switch, CFG stop) act on the caches exactly as in a call
-            step_kind = (step.latent_hw, step.cfg, step.deep, step.cross_attention)
+            step_kind = (step.latent_hw, step.cfg, step.deep, step.cross_attention, step.latent_frames)
             if step_kind not in counted:  # the caches a step reads were filled by an earlier step of the plan
                 batch = num_images * (2 if step.cfg else 1)
-                inputs = kind.inputs(spec, batch, step.latent_hw)
+                step_spec = spec if step.latent_frames is None else replace(spec, latent_frames=step.latent_frames)
+                inputs = kind.inputs(step_spec, batch, step.latent_hw)
                 control = [count_forward(net, controlnet.inputs(inputs)) for net in nets]
                 unet = count_forward(model, inputs)
                 counted[step_kind] = (unet[0] + sum(c[0] for c in control), unet[1] + sum(c[1] for c in control),

@@ -38,6 +38,8 @@ CONFIG_FLAGS = {
     "switch_noise": (Optional[str], typer.Option(None, help="re-noising at a switch: iid, or block (Pyramid Flow / RALU)")),
     "low_res_shift": (Optional[str], typer.Option(None, help="rectified flow: the low-resolution phase's sigma schedule, "
                                                   "full (the requested size's) or own (its own size's)")),
+    "temporal_beta": (Optional[float], typer.Option(None, help="video: the low-resolution phase's latent frames, "
+                                                    "F' - 1 = temporal_beta x (F - 1) (1 = the same frames)")),
     "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
                                                 "joined by +, e.g. 0.75@0.25; none = two-stage")),
     "controlnet_cache": (Optional[str], typer.Option(None, help="a ControlNet on DeepCache's cached steps: reuse "
@@ -176,6 +178,26 @@ def generate(
     from .generate import run_generate
 
     run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console)
+
+
+@app.command()
+def demo(
+    model: Optional[str] = typer.Option(None, help="testbed (default), testbed-flow, a local diffusers folder or a hub id"),
+    host: str = typer.Option("127.0.0.1", help="address to serve on (0.0.0.0: every interface)"),
+    port: int = typer.Option(7860, help="port to serve on"),
+    share: bool = typer.Option(False, "--share/--no-share", help="also open a public Gradio share link"),
+):
+    r"""A web page (Gradio) that runs the baseline and PostDiff on a prompt with the same seed: both images,
+    wall time and denoiser MACs of each, the saving, and the step plan. Needs the extra: pip install 'postdiff\[demo]'."""
+    try:
+        from .demo import launch
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        console.print("[red]error:[/red] `postdiff demo` needs gradio, in the demo extra: pip install 'postdiff\\[demo]'")
+        raise typer.Exit(2)
+    with refused_input():  # a model that does not load (a ValueError from diffusers) is one line too
+        launch(model, host, port, share)
 
 
 MODEL_HELP = "a testbed folder (default: the shipped model), or any supported pipeline (folder or hub id) with --prompts"

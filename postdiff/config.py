@@ -10,7 +10,7 @@ LOW_RES_SHIFTS = ("full", "own")
 CONTROLNET_CACHES = ("reuse", "shallow", "full")
 # Fields added after results were first stored: in `to_dict` (the sweep store's key) only when set, so the
 # keys of stored rows stay valid.
-KEYED_WHEN_SET = ("switch_noise", "controlnet_cache", "low_res_shift")
+KEYED_WHEN_SET = ("switch_noise", "controlnet_cache", "low_res_shift", "temporal_beta")
 PRESETS = ("off", "deepcache", "paper")
 # The paper's beta per family (PAPER.md): 1/2 for SD 1.x/2.x (and our 32x32 testbed), 3/4 for SDXL and PixArt.
 # The rectified-flow families, which the paper does not cover, take theirs from the study on the embedded flow
@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 class PostDiffConfig:
     """PostDiff settings.
 
-    beta: scale of the low-resolution latent (0 < beta <= 1); used while `switch` > 0.
+    beta: scale of the low-resolution latent (0 < beta <= 1); used while `switch` > 0. Each latent side is beta x the
+        side rounded to the nearest multiple the denoiser takes (plan.latent_size; the plan shows the size).
     switch: fraction s of the denoising steps run at low resolution (0 = mixed resolution off).
     cache_interval: DeepCache k; the deep U-Net branch is computed every k steps and reused between (1 = off).
     cache_branch: DeepCache's `cache_branch_id`: branch b keeps the skips s_0..s_b live, so conv_in, the first b
@@ -63,6 +64,11 @@ class PostDiffConfig:
         modules that feed only cached U-Net layers reuse their last full-step output, the rest runs: the
         residuals of the live skips are exact, the output is "full"'s) or "full" (it runs every step).
         Measured in docs/controlnet_cache.md ("reuse" is best at equal MACs); no effect without a ControlNet.
+    temporal_beta: video pipelines only: the lower-resolution phases also run fewer latent frames, F' - 1 =
+        temporal_beta * (F - 1) of the call's F (a whole number: the low segment's `num_frames` is then one the
+        pipeline takes, (num_frames - 1) divisible by its VAE's temporal factor); at the switch to full resolution
+        the x0 is resampled linearly in time as well as in space (1 = the same frames; needs switch > 0; refused
+        before any compute for image pipelines).
     """
 
     beta: float = 1.0
@@ -75,6 +81,7 @@ class PostDiffConfig:
     switch_noise: str = "iid"
     controlnet_cache: str = "reuse"
     low_res_shift: str = "full"
+    temporal_beta: float = 1.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.beta, (int, float)) and 0 < self.beta <= 1, "beta", self.beta, "a number in (0, 1]")
@@ -91,6 +98,10 @@ class PostDiffConfig:
         _check(self.controlnet_cache in CONTROLNET_CACHES, "controlnet_cache", self.controlnet_cache,
                f"one of {', '.join(CONTROLNET_CACHES)}")
         _check(self.low_res_shift in LOW_RES_SHIFTS, "low_res_shift", self.low_res_shift, f"one of {', '.join(LOW_RES_SHIFTS)}")
+        _check(isinstance(self.temporal_beta, (int, float)) and 0 < self.temporal_beta <= 1, "temporal_beta",
+               self.temporal_beta, "a number in (0, 1]")
+        _check(self.temporal_beta == 1 or self.switch > 0, "temporal_beta", self.temporal_beta,
+               "1 unless switch > 0 (it shortens the low-resolution phase's clip)")
         if self.switch > 0 and self.beta == 1:
             raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
 

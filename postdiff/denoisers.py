@@ -12,7 +12,7 @@ import torch
 
 from .caching import blocks, cross_attention, deepcache, text_stream
 from .caching.state import RunState
-from .config import PostDiffConfig
+from .config import ConfigError, PostDiffConfig
 from .plan import ModelFacts, check_cache_branch
 
 
@@ -24,10 +24,12 @@ class DenoiserSpec:
     text_length: int = 77
     kind: str = "unet"  # key of DENOISER_KINDS
     latent_frames: int = 1  # a video model's latent frames (its VAE's temporal compression applied)
+    condition_hw: tuple[int, int] | None = None  # latent size of a condition image whose tokens join every step (an edit)
 
 
 class DenoiserKind:
     name = "denoiser"
+    video = False  # denoises (B, C, F, H, W) clips: plans know its latent frames (`DenoiserSpec.latent_frames`)
 
     # -- structure
     def describe(self, model: torch.nn.Module) -> str:
@@ -47,6 +49,9 @@ class DenoiserKind:
 
     def check(self, model: torch.nn.Module, config: PostDiffConfig) -> None:
         check_cache_branch(config, self.max_cache_branch(model), self.describe(model))
+        if config.temporal_beta != 1 and not self.video:
+            raise ConfigError(f"temporal_beta={config.temporal_beta} is for video pipelines: this {self.describe(model)} "
+                              "denoises images (no frames to shorten); use temporal_beta=1")
 
     # -- caches
     def install_caches(self, model: torch.nn.Module, config: PostDiffConfig, state: RunState) -> None:
@@ -187,14 +192,15 @@ class TransformerKind(DenoiserKind):
         deepest = blocks.max_block_branch(len(self.block_names(model)))
         return deepest if deepest >= 0 else None
 
-    def install_caches(self, model, config, state) -> None:
-        """Block caching, then the text-stream cache of the two-stream blocks, or the cross-attention cache."""
+    def install_caches(self, model, config, state, prefix: str = "") -> None:
+        """Block caching, then the text-stream cache of the two-stream blocks, or the cross-attention cache; their
+        records under `prefix` + module name (models of one call keep theirs apart: Wan 2.2's two experts)."""
         self.check(model, config)
         names = self.block_names(model)
         span = blocks.apply_layout_block_cache(model, names, config.cache_branch, state) if config.deepcache else []
         if config.cross_attention_cache:
-            if not text_stream.apply_text_stream_cache(model, names, config.ca_mode, state, span, self.text_modules):
-                cross_attention.apply_cross_attention_cache(model, config.ca_mode, state)
+            if not text_stream.apply_text_stream_cache(model, names, config.ca_mode, state, span, self.text_modules, prefix):
+                cross_attention.apply_cross_attention_cache(model, config.ca_mode, state, prefix)
 
     def build(self, config: dict) -> torch.nn.Module:
         import diffusers

@@ -34,9 +34,10 @@ from diffusers.utils.torch_utils import randn_tensor, unwrap_module
 from .caching.guidance import SeparatePassGate
 from .caching.hooks import reclaim_forward
 from .caching.state import PASS_NAMES, RunState
+from .caching.tokens import resample_frames
 from .compiling import check_recompile_limit
 from .config import ConfigError, PostDiffConfig
-from .plan import Phase, StepPlan, check_cache_branch, latent_size, make_plan
+from .plan import Phase, StepPlan, check_cache_branch, latent_size, low_frames
 from .schedulers import check_scheduler
 
 # Pipeline methods whose results a call computes once: the segments replay them by call order.
@@ -58,14 +59,20 @@ def phase_timesteps(timesteps: torch.Tensor, phase: Phase) -> torch.Tensor:
 
 def block_noise(fresh: torch.Tensor, low_noise: torch.Tensor) -> torch.Tensor:
     """i.i.d. N(0, 1) noise whose r x r block means are the low-resolution noise (divided by r, the std of a mean
-    of r^2 unit normals); the fresh noise supplies the rest, with its own block means removed."""
+    of r^2 unit normals); the fresh noise supplies the rest, with its own block means removed. A video's frame by
+    frame (the plan keeps its frame count at a block-noise switch)."""
+    if fresh.ndim == 5:
+        return block_noise(fresh.flatten(1, 2), low_noise.flatten(1, 2)).view_as(fresh)
     factor = fresh.shape[-1] // low_noise.shape[-1]
     block_means = F.avg_pool2d(fresh, factor)
     return fresh + F.interpolate(low_noise / factor - block_means, scale_factor=factor, mode="nearest")
 
 
-def resize(latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (..., H, W) latents; a video's (B, C, F, H, W) frame by frame."""
+def resize(latents: torch.Tensor, latent_hw: tuple[int, int], frames: int | None = None) -> torch.Tensor:
+    """Bilinear resize of (..., H, W) latents; a video's (B, C, F, H, W) frame by frame, and to `frames` latent frames
+    where given (linear in time, the clip's first and last frames in place: `temporal_beta`)."""
+    if frames is not None and latents.ndim == 5:
+        latents = resample_frames(latents, frames, dim=2)
     if tuple(latents.shape[-2:]) == tuple(latent_hw):
         return latents
     if latents.ndim == 5:
@@ -233,9 +240,10 @@ class Engine:
         check_cache_branch(self.config, facts.max_cache_branch, facts.denoiser)
         for scale in (self.config.beta if self.config.mixed_resolution else 1.0, *(s for s, _ in self.config.progressive)):
             latent_size(scale, facts)
+        low_frames(self.config, facts)
         timesteps = self.estimated_timesteps()
         if timesteps is not None and len(timesteps) > 0:  # none left: the pipeline's own checks say why
-            self.family.check_plan(make_plan(self.config, len(timesteps), facts))
+            self.family.check_plan(self.family.plan_for(self.config, timesteps, facts, self.scheduler))
         if self.config.mixed_resolution and self.arguments.get("latents") is not None:
             raise ConfigError("latents= cannot be given with mixed resolution (switch > 0): the low-resolution phase draws "
                               "noise of its own size; pass a generator instead, or switch=0")
@@ -276,9 +284,10 @@ class Engine:
         """Everything that can refuse the call, then the plan (the probe has run the pipeline's own checks)."""
         self.precheck()
         timesteps = self.probe()
+        self.family.encodings = self.memo  # what the probe encoded: facts and checks that depend on the prompt read it
         timesteps = self.family.planned_timesteps(timesteps)
         facts = self.family.facts(self.family.latent_hw)
-        plan = make_plan(self.config, len(timesteps), facts, do_cfg=self.family.do_cfg)
+        plan = self.family.plan_for(self.config, timesteps, facts, self.scheduler, do_cfg=self.family.do_cfg)
         self.family.check_plan(plan)
         check_recompile_limit(self.denoiser, plan, self.family.cfg_passes)
         return plan
@@ -303,34 +312,46 @@ class Engine:
         for name in MEMOIZED:
             if hasattr(pipe, name):
                 pipe.__dict__[name] = self._memoized(name, getattr(pipe, name))
-        attribute = self.family.denoiser_attribute
-        self.denoiser = getattr(pipe, attribute)
-        module = unwrap_module(self.denoiser)
-        named_passes = self.family.cfg_passes == 2 and hasattr(module, "cache_context")
-        if named_passes:
-            module.__dict__["cache_context"] = self._named_pass(type(module).cache_context.__get__(module))
-            pipe.__dict__[attribute] = SeparatePassGate(self.denoiser, self.state)
+        self.denoiser = getattr(pipe, self.family.denoiser_attribute)
+        gated = self._gate_separate_passes() if self.family.cfg_passes == 2 else {}
         try:
             yield
         finally:
             for name in (*MEMOIZED, PROGRESS):
                 pipe.__dict__.pop(name, None)
-            if named_passes:
-                module.__dict__.pop("cache_context", None)
-                pipe.__dict__[attribute] = self.denoiser
+            for attribute, denoiser in gated.items():
+                unwrap_module(denoiser).__dict__.pop("cache_context", None)
+                pipe.__dict__[attribute] = denoiser
             pipe.__dict__["scheduler"] = self.scheduler
             self.state.reset()
 
+    def _gate_separate_passes(self) -> dict:
+        """Every denoiser of the pipeline (Wan 2.2's two experts) with its passes named and its unconditional pass
+        after the CFG stop answered by the gate; returns attribute -> the denoiser it held."""
+        gated = {}
+        for attribute in self.family.denoiser_attributes(self.pipe):
+            denoiser = getattr(self.pipe, attribute, None)
+            module = unwrap_module(denoiser) if denoiser is not None else None
+            named = self.family.passes_in_cache_context
+            if module is None or (named and not hasattr(module, "cache_context")):
+                continue
+            if named:
+                module.__dict__["cache_context"] = self._named_pass(type(module).cache_context.__get__(module))
+            self.pipe.__dict__[attribute] = SeparatePassGate(denoiser, self.state, by_order=not named)
+            gated[attribute] = denoiser
+        return gated
+
     def _named_pass(self, cache_context):
-        """diffusers' `cache_context(name)`, which pipelines with separate CFG passes enter around each pass ("cond",
-        "uncond"), also naming the pass for PostDiff's caches (outside any compiled region)."""
+        """diffusers' `cache_context(name, **where)`, which pipelines with separate CFG passes enter around each pass
+        ("cond" / "uncond"; HunyuanVideo-1.5's guider: "pred_cond" / "pred_uncond"), also naming the pass for
+        PostDiff's caches (outside any compiled region)."""
         state = self.state
 
         @contextlib.contextmanager
-        def named(name: str):
-            state.pass_name = PASS_NAMES[1] if name == "uncond" else PASS_NAMES[0]
+        def named(name: str, **where):
+            state.pass_name = PASS_NAMES[1] if name.endswith("uncond") else PASS_NAMES[0]
             try:
-                with cache_context(name):
+                with cache_context(name, **where):
                     yield
             finally:
                 state.pass_name = PASS_NAMES[0]
@@ -422,7 +443,7 @@ class Engine:
         segment of no steps; where the pipeline decodes a variable of its loop (LCM's `denoised`), a segment of
         one step in which the denoiser and the scheduler's step pass the latents through."""
         final = self.plan.phases[-1]
-        latents = resize(self.family.spatial_latents(output[0], phase.latent_hw), final.latent_hw)
+        latents = resize(self.family.spatial_latents(output[0], phase.latent_hw), final.latent_hw, final.latent_frames)
         offset, identity = self.family.begin_offset, self.family.decodes_from_loop
         segment = Segment(copy.deepcopy(pristine), self, final, begin=offset + final.timestep_start, noise_sigma=1.0,
                           empty=not identity, identity=identity, offset=offset)
@@ -473,7 +494,7 @@ class Engine:
         """The low-resolution x0 upsampled to `phase`'s size and diffused forward to its first timestep, with fresh
         noise from the call's generator (block noise: around the low-resolution state's own), by the scheduler's
         own forward process; in the pipeline's latent layout."""
-        x0 = resize(self.family.spatial_latents(low.x0, low.phase.latent_hw), phase.latent_hw)
+        x0 = resize(self.family.spatial_latents(low.x0, low.phase.latent_hw), phase.latent_hw, phase.latent_frames)
         noise = randn_tensor(x0.shape, generator=self.arguments.get("generator"), device=x0.device, dtype=x0.dtype)
         if self.config.switch_noise == "block":
             noise = block_noise(noise, self.family.spatial_latents(low.low_noise, low.phase.latent_hw))

@@ -4,7 +4,7 @@ as JSON, counted on the meta device, no weights), the embedded testbed, or any l
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .accounting import ComponentSpec, ControlNetSpec
@@ -65,7 +65,9 @@ class ModelSpec:
 
     def facts(self) -> ModelFacts:
         model = meta_denoiser(self.denoiser)
-        return denoiser_kind(self.denoiser.kind).facts(model, self.latent_hw, restart_repeats(self.scheduler))
+        kind = denoiser_kind(self.denoiser.kind)
+        facts = kind.facts(model, self.latent_hw, restart_repeats(self.scheduler))
+        return replace(facts, latent_frames=self.denoiser.latent_frames) if kind.video else facts
 
     def plan(self, config: PostDiffConfig, num_inference_steps: int, do_cfg: bool = True, strength: float = 1.0) -> StepPlan:
         """The plan a call with `num_inference_steps` runs: PLMS's timesteps include its warm-up repeat; an
@@ -100,10 +102,14 @@ def load_model_spec(name: str) -> ModelSpec:
 
 def _shipped_spec(name: str, data: dict) -> ModelSpec:
     """A shipped config: `resolution` (square) or `height` and `width` in pixels; a video model's `latent_frames`
-    (its frame count through the VAE's temporal compression); `vae_class` where the VAE is not an AutoencoderKL."""
+    (its frame count through the VAE's temporal compression); `vae_class` where the VAE is not an AutoencoderKL; an
+    editing model's `condition_resolution` (the pixels of the condition image whose tokens join every step)."""
     factor = data["vae_scale_factor"]
     latent_hw = (data.get("height", data.get("resolution")) // factor, data.get("width", data.get("resolution")) // factor)
-    denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"), data.get("latent_frames", 1))
+    condition = data.get("condition_resolution")
+    condition_hw = None if condition is None else (condition // factor, condition // factor)
+    denoiser = DenoiserSpec(data["denoiser"], data["text_length"], data.get("kind", "unet"), data.get("latent_frames", 1),
+                            condition_hw)
     texts = tuple(ComponentSpec(text["class"], text["config"], text.get("text_length")) for text in data.get("text_encoders", ()))
     vae = ComponentSpec(data.get("vae_class", "AutoencoderKL"), data["vae"]) if "vae" in data else None
     return ModelSpec(name, data["family"], denoiser, latent_hw, data["scheduler"], vae, texts,
@@ -181,8 +187,8 @@ def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
 
     family = family_for(pipe)
     denoiser = getattr(pipe, family.denoiser_attribute)
-    sample = denoiser.config.get("sample_size") or pipe.default_sample_size  # FLUX's transformer has none
-    side = sample if isinstance(sample, int) else sample[0]
+    sample = denoiser.config.get("sample_size") or getattr(pipe, "default_sample_size", None)  # FLUX's transformer has none
+    side = 0 if sample is None else sample if isinstance(sample, int) else sample[0]  # 0: none (video: the call's size)
     text_length = min(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77), family.max_text_length)
     spec = DenoiserSpec(dict(denoiser.config), text_length, family.denoiser_kind)
     encoders = [getattr(pipe, part, None) for part in ("text_encoder", "text_encoder_2")]

@@ -26,6 +26,9 @@ class ModelFacts:
     restart_repeats: int = 0  # extra evaluations a restarted scheduler needs (PNDM's warm-up repeats one)
     denoiser: str = "denoiser"  # how messages name the model: "U-Net", "transformer (28 blocks)"
     text_length: int | None = None  # text tokens the denoiser sees in this call, where the call decides it (T5)
+    latent_frames: int | None = None  # a video call's latent frames at full size (None: an image model)
+    denoiser_changes: tuple[int, ...] = ()  # steps before which another denoiser takes over (Wan 2.2's experts)
+    condition_hw: tuple[int, int] | None = None  # latent size of a condition image the denoiser sees every step (an edit's)
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,12 @@ class Phase:
     timestep_end: int
     first_step: int
     num_steps: int
+    latent_frames: int | None = None  # a video's latent frames in this phase (None: an image model)
 
 
 DeepMode = Literal["full", "cached"]
 CrossAttentionMode = Literal["computed", "cached"]
-Event = Literal["switch", "cfg_stop"]
+Event = Literal["switch", "cfg_stop", "denoiser_change"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,13 @@ class Step:
     cross_attention: CrossAttentionMode  # "computed" or "cached"
     capture_cross_attention: bool  # store this step's cross-attention outputs for later reuse
     events: tuple[Event, ...] = ()  # what happens before this step
+    latent_frames: int | None = None  # a video's latent frames (None: an image model)
 
     @property
     def kind(self) -> tuple:
         """What decides the work of the step: the latent size, the batch and what the caches do. Steps of one kind
         run the same modules on tensors of the same shapes (a compiled denoiser needs one graph a kind)."""
-        return (self.latent_hw, self.cfg, self.deep, self.cross_attention, self.capture_cross_attention)
+        return (self.latent_hw, self.cfg, self.deep, self.cross_attention, self.capture_cross_attention, self.latent_frames)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class StepPlan:
         lines.append(f"{'step':>4}  {'latent':>9}  {'cfg':>3}  {'deep':>6}  {'cross-attn':>10}  events")
         for step in self.steps:
             size = f"{step.latent_hw[0]}x{step.latent_hw[1]}"
+            size = size if step.latent_frames is None else f"{step.latent_frames}x{size}"
             events = ", ".join(_EVENT_TEXT[e] for e in step.events)
             cfg = "on" if step.cfg else "off"
             lines.append(f"{step.index:>4}  {size:>9}  {cfg:>3}  {step.deep:>6}  {step.cross_attention:>10}  {events}")
@@ -91,6 +97,7 @@ class StepPlan:
 _EVENT_TEXT = {
     "switch": "switch: x0 -> bilinear upsample -> re-noise, scheduler restarted, deep cache reset",
     "cfg_stop": "CFG stops: one conditional batch, cached deep features keep their conditional half",
+    "denoiser_change": "another denoiser takes over (Wan 2.2's low-noise expert): block cache reset",
 }
 
 
@@ -106,7 +113,7 @@ def make_plan(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts, do_
     _check_switch_noise(config, phases)
     total = sum(phase.num_steps for phase in phases)
     _check_cfg_stop(config, total)
-    steps = tuple(_step(config, phases, phase_index, index, do_cfg) for phase_index, phase in enumerate(phases)
+    steps = tuple(_step(config, phases, phase_index, index, do_cfg, facts) for phase_index, phase in enumerate(phases)
                   for index in range(phase.first_step, phase.first_step + phase.num_steps))
     return StepPlan(config=config, phases=phases, steps=steps, facts=facts)
 
@@ -138,15 +145,36 @@ def _phases(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts) -> tu
         # A restarted multistep scheduler may redo its warm-up (PNDM repeats its second timestep).
         repeats = facts.restart_repeats if index > 0 and end - start >= 2 else 0
         num_steps = end - start + repeats
-        phases.append(Phase(scale, latent_size(scale, facts), start, end, first_step, num_steps))
+        frames = facts.latent_frames if scale == 1.0 else low_frames(config, facts)
+        phases.append(Phase(scale, latent_size(scale, facts), start, end, first_step, num_steps, frames))
         first_step += num_steps
     return tuple(phases)
 
 
+def low_frames(config: PostDiffConfig, facts: ModelFacts) -> int | None:
+    """The latent frames of the lower-resolution phases: F' - 1 = temporal_beta * (F - 1), a whole number (then the
+    segment's `num_frames`, (F' - 1) x the VAE's temporal factor + 1, is one the pipeline takes); refused for images."""
+    frames = facts.latent_frames
+    if config.temporal_beta == 1:
+        return frames
+    if frames is None:
+        raise ConfigError(f"temporal_beta={config.temporal_beta} is for video pipelines: this {facts.denoiser} "
+                          "denoises images (no frames to shorten); use temporal_beta=1")
+    low = config.temporal_beta * (frames - 1)
+    if abs(low - round(low)) > 1e-9 or round(low) < 1:
+        valid = ", ".join(f"{k / (frames - 1):g}" for k in range(1, frames - 1)) or "none"
+        raise ConfigError(f"temporal_beta={config.temporal_beta} gives {low + 1:g} latent frames for the call's {frames}: "
+                          f"(F' - 1) = temporal_beta x (F - 1) must be a whole number >= 1; values that work here: {valid}")
+    return round(low) + 1
+
+
 def _check_switch_noise(config: PostDiffConfig, phases: tuple[Phase, ...]) -> None:
-    """Block noise needs every resolution jump to be a whole factor per side (2 for beta 1/2)."""
+    """Block noise needs every resolution jump to be a whole factor per side (2 for beta 1/2), in space only."""
     if config.switch_noise != "block":
         return
+    if any(low.latent_frames != high.latent_frames for low, high in zip(phases, phases[1:])):
+        raise ConfigError(f"switch_noise='block' keeps the low-resolution noise in its spatial block means, frame by "
+                          f"frame; temporal_beta={config.temporal_beta} changes the frame count: use switch_noise='iid'")
     for low, high in zip(phases, phases[1:]):
         if any(h % l for l, h in zip(low.latent_hw, high.latent_hw)) or high.latent_hw[0] // low.latent_hw[0] != high.latent_hw[1] // low.latent_hw[1]:
             raise ConfigError(f"switch_noise='block' needs whole upsampling factors; {low.latent_hw} -> {high.latent_hw} "
@@ -154,29 +182,39 @@ def _check_switch_noise(config: PostDiffConfig, phases: tuple[Phase, ...]) -> No
 
 
 def latent_size(scale: float, facts: ModelFacts) -> tuple[int, int]:
-    """The latent size at `scale`; refuses sizes the denoiser cannot take, listing the scales that work."""
-    height, width = facts.latent_hw
+    """The latent size at `scale`: each side `scale` x the full side, rounded to the nearest multiple the denoiser
+    takes (its patch, or 2 ** its down-samplers; a tie to the smaller), as pipelines round a requested size to their
+    multiple (Wan's 480x832 at 3/4: 45x78 latents -> 44x78). Refuses a side that rounds to nothing and a size that is
+    not smaller than the full one."""
     if scale == 1.0:
         return facts.latent_hw
-    low = (scale * height, scale * width)
-    multiple = facts.size_multiple
-    if all(abs(side - round(side)) < 1e-9 and round(side) % multiple == 0 and round(side) > 0 for side in low):
-        return (round(low[0]), round(low[1]))
+    low = tuple(_nearest_multiple(scale * side, facts.size_multiple) for side in facts.latent_hw)
+    smaller = all(l <= h for l, h in zip(low, facts.latent_hw)) and low != tuple(facts.latent_hw)
+    if min(low) > 0 and smaller:
+        return low
+    height, width = facts.latent_hw
     raise ConfigError(
-        f"beta={scale} gives a {low[0]:g}x{low[1]:g} latent for the {height}x{width} latent: the denoiser needs "
-        f"sides that are positive multiples of {multiple}; scales that work here: {', '.join(valid_scales(facts)) or 'none'}"
+        f"beta={scale} gives a {scale * height:g}x{scale * width:g} latent for the {height}x{width} latent, which at "
+        f"the denoiser's multiple of {facts.size_multiple} per side is {low[0]}x{low[1]}: "
+        f"{'a side of 0' if min(low) == 0 else 'not smaller than the full size'}; scales that work here: "
+        f"{_working_scales(facts)}"
     )
 
 
-def valid_scales(facts: ModelFacts) -> list[str]:
-    height, width = facts.latent_hw
-    found = []
-    for low_height in range(facts.size_multiple, height, facts.size_multiple):
-        scale = low_height / height
-        low_width = scale * width
-        if abs(low_width - round(low_width)) < 1e-9 and round(low_width) % facts.size_multiple == 0:
-            found.append(f"{scale:g}")
-    return found
+def _nearest_multiple(side: float, multiple: int) -> int:
+    below = int(side // multiple) * multiple
+    return below + multiple if side - below > below + multiple - side + 1e-9 else below
+
+
+def _working_scales(facts: ModelFacts) -> str:
+    """The range of beta that gives a smaller latent of positive sides, e.g. "0.25 to 0.9"."""
+    multiple, shortest = facts.size_multiple, min(facts.latent_hw)
+    works = [k / 100 for k in range(1, 100) if min(_nearest_multiple(k / 100 * s, multiple) for s in facts.latent_hw) > 0
+             and any(_nearest_multiple(k / 100 * s, multiple) < s for s in facts.latent_hw)
+             and all(_nearest_multiple(k / 100 * s, multiple) <= s for s in facts.latent_hw)]
+    if not works or shortest < multiple:
+        return "none"
+    return f"{works[0]:g} to {works[-1]:g}"
 
 
 def check_cache_branch(config: PostDiffConfig, max_branch: int | None, denoiser: str) -> None:
@@ -197,7 +235,7 @@ def _check_cfg_stop(config: PostDiffConfig, total_steps: int) -> None:
         )
 
 
-def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: bool) -> Step:
+def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: bool, facts: ModelFacts) -> Step:
     phase = phases[phase_index]
     before_stop = config.cfg_stop is None or index < config.cfg_stop
     events = []
@@ -205,8 +243,11 @@ def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: 
         events.append("switch")
     if do_cfg and config.cfg_stop == index:
         events.append("cfg_stop")
-    in_phase = index - phase.first_step
-    reuse_deep = config.deepcache and in_phase % config.cache_interval != 0
+    if index in facts.denoiser_changes:
+        events.append("denoiser_change")
+    # The block cache restarts at a switch and where another denoiser takes over (its residual is the old one's).
+    restart = max([phase.first_step] + [change for change in facts.denoiser_changes if change <= index])
+    reuse_deep = config.deepcache and (index - restart) % config.cache_interval != 0
     ca_cached = config.cross_attention_cache and not before_stop
     return Step(
         index=index,
@@ -217,4 +258,5 @@ def _step(config: PostDiffConfig, phases, phase_index: int, index: int, do_cfg: 
         cross_attention="cached" if ca_cached else "computed",
         capture_cross_attention=config.cross_attention_cache and before_stop,
         events=tuple(events),
+        latent_frames=phase.latent_frames,
     )

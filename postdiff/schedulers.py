@@ -125,8 +125,11 @@ def restart_repeats(scheduler_name: str) -> int:
 
 
 def prediction_type(scheduler) -> str:
-    """The model's prediction type; flow-matching schedulers have none in their config: velocity."""
+    """The model's prediction type; flow-matching schedulers have none in their config: velocity, as multistep
+    solvers on flow sigmas name it ("flow_prediction": Wan's UniPC, SANA's DPM-Solver)."""
     if traits_of(scheduler) is not None and traits_of(scheduler).space == "flow":
+        return "flow"
+    if scheduler.config.get("prediction_type") == "flow_prediction":
         return "flow"
     return scheduler.config.prediction_type
 

@@ -271,7 +271,7 @@ def test_repeated_interleaved_and_reapplied_calls_match_a_fresh_pipeline(model_d
 
 
 REFUSED = [
-    ("flux", PostDiffConfig(beta=0.5625, switch=0.5), {}, "beta=0.5625 gives a 9x9 latent .* multiples of 2"),
+    ("flux", PostDiffConfig(beta=0.05, switch=0.5), {}, "beta=0.05 gives a 0.8x0.8 latent .* multiple of 2 per side is 0x0: a side of 0"),
     ("sd3", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
     ("flux", PostDiffConfig(cache_interval=2, cache_branch=2), {}, "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
 ]

@@ -240,8 +240,8 @@ def test_branches_are_validated_before_any_compute_and_remove_restores_the_model
     with pytest.raises(ConfigError, match="cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"):
         postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=2))
     assert postdiff.plan_call(postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cache_branch=1)), "a").facts.max_cache_branch == 1
-    with pytest.raises(ConfigError, match="beta=0.3 gives a 9.6x9.6 latent .* multiples of 2"):
-        postdiff.apply(pipe, PostDiffConfig(beta=0.3, switch=0.5))
+    with pytest.raises(ConfigError, match="beta=0.03 gives a 0.96x0.96 latent .* multiple of 2 per side is 0x0: a side of 0"):
+        postdiff.apply(pipe, PostDiffConfig(beta=0.03, switch=0.5))
         call(pipe)
     postdiff.apply(pipe, PostDiffConfig(cache_interval=2, cfg_stop=3))
     postdiff.remove(pipe)

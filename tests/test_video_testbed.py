@@ -85,3 +85,4 @@ def test_the_evaluator_refuses_mismatched_labels(video_evaluator):
     clips, labels, motions = real_clips(4)
     with pytest.raises(ValueError, match="4 clips but 3 labels"):
         video_evaluator.score(clips, labels[:3], motions)
+

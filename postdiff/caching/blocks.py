@@ -120,6 +120,8 @@ class BlockLayout:
     text_argument: str | None = None  # None: one stream
     hidden_output: int = 0
     text_output: int | None = None
+    # The forward's argument names after `self`, read once here: a compiled block cannot trace `inspect.signature`.
+    parameters: tuple[str, ...] = ()
 
     @property
     def two_streams(self) -> bool:
@@ -134,7 +136,7 @@ class BlockLayout:
 
     def with_text_input(self, args: tuple, kwargs: dict, text: torch.Tensor) -> tuple[tuple, dict]:
         """The call's arguments with the text stream replaced."""
-        index = self._parameters().index(self.text_argument)
+        index = self.parameters.index(self.text_argument)
         if self.text_argument in kwargs or index >= len(args):
             return args, {**kwargs, self.text_argument: text}
         return (*args[:index], text, *args[index + 1:]), kwargs
@@ -156,11 +158,8 @@ class BlockLayout:
     def _argument(self, name: str, args: tuple, kwargs: dict):
         if name in kwargs:
             return kwargs[name]
-        index = self._parameters().index(name)
+        index = self.parameters.index(name)
         return args[index] if index < len(args) else None
-
-    def _parameters(self) -> list[str]:
-        return list(inspect.signature(self.block_class.forward).parameters)[1:]
 
 
 def block_layout(block: torch.nn.Module) -> BlockLayout:
@@ -169,6 +168,8 @@ def block_layout(block: torch.nn.Module) -> BlockLayout:
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     for cls in type(unwrap_module(block)).__mro__:  # PostDiff's hooked subclass first, then the model's class
+        if "_postdiff_original_class" in cls.__dict__:  # the hooked subclass keeps the name, not the signature
+            continue
         try:
             metadata = TransformerBlockRegistry.get(cls)
         except ValueError:
@@ -187,7 +188,8 @@ def block_layout(block: torch.nn.Module) -> BlockLayout:
     if hidden_argument not in parameters:  # ZImage's blocks name the image stream `x`
         hidden_argument = parameters[1]
     two = text_output is not None
-    return BlockLayout(cls, hidden_argument, text_argument if two else None, hidden_output or 0, text_output)
+    return BlockLayout(cls, hidden_argument, text_argument if two else None, hidden_output or 0, text_output,
+                       tuple(parameters[1:]))
 
 
 class LayoutBlockSpanHook(BlockSpanHook):

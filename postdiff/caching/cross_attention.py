@@ -5,7 +5,9 @@ Modes (what is kept from a CFG batch [uncond x n, cond x n]): "cond" the conditi
 of the halves (T-GATE), "cfg" the guided combination uncond + w (cond - uncond). Each module keeps the
 output of the last step on which it ran before m (with DeepCache, deep modules last ran on a full step).
 A cache recorded at a lower resolution is resampled bilinearly to the current token grid before the step that
-reuses it (by the RunState, outside the hook: compiled code sees the same work on every cached step).
+reuses it (by the RunState, outside the hook: compiled code sees the same work on every cached step); a video's
+frame by frame, and linearly in time where the frame count changed. Pipelines that run CFG as separate passes
+(Wan, HunyuanVideo-1.5) record in the conditional pass; for "ave" / "cfg" the unconditional pass combines with it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
 from .hooks import Hook, install
-from .state import CrossAttentionEntry, RunState, Slot
+from .state import PASS_NAMES, CrossAttentionEntry, RunState, Slot
 
 
 def combine(output: torch.Tensor, mode: str, num_images: int, guidance_scale: float) -> torch.Tensor:
@@ -43,9 +45,19 @@ class CrossAttentionCacheHook(Hook):
             return self.slot.value.current
         output = forward(*args, **kwargs)
         if step is not None and step.capture_cross_attention:
-            kept = combine(output, self.mode, self.state.num_images, self.state.guidance_scale)
-            self.slot.value = CrossAttentionEntry(kept, self.state.latent_hw)
+            self._record(output)
         return output
+
+    def _record(self, output: torch.Tensor) -> None:
+        state = self.state
+        if state.pass_name == PASS_NAMES[1]:  # the unconditional pass of separate CFG passes, after the conditional one
+            if self.mode != "cond":
+                cond = self.slot.value.output
+                kept = combine(torch.cat([output, cond]), self.mode, len(cond), state.guidance_scale)
+                self.slot.value = CrossAttentionEntry(kept, state.latent_hw, state.latent_frames)
+            return
+        kept = combine(output, self.mode, state.num_images, state.guidance_scale)
+        self.slot.value = CrossAttentionEntry(kept, state.latent_hw, state.latent_frames)
 
 
 def cross_attention_modules(model: torch.nn.Module) -> list[str]:

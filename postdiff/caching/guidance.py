@@ -49,13 +49,35 @@ class GuidanceHook(Hook):
 class SeparatePassGate:
     """The denoiser as a pipeline with separate CFG passes sees it during an engine call: every attribute is the
     denoiser's; a call in the unconditional pass of a step after the CFG stop returns the step's conditional
-    output without running anything."""
+    output without running anything. `by_order`: the pipeline calls its denoiser twice a step without naming the
+    passes in `cache_context` (Chroma, FLUX.1-Kontext), conditional first: the gate names them by their order."""
 
-    def __init__(self, denoiser, state: RunState):
+    def __init__(self, denoiser, state: RunState, by_order: bool = False):
         object.__setattr__(self, "_denoiser", denoiser)
         object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_by_order", by_order)
+        object.__setattr__(self, "_calls", (None, 0))  # (step index, calls of the denoiser in that step so far)
 
     def __call__(self, *args, **kwargs):
+        if not self._by_order:
+            return self._gated(*args, **kwargs)
+        state = self._state
+        state.pass_name = self._pass_by_order()
+        try:
+            return self._gated(*args, **kwargs)
+        finally:
+            state.pass_name = PASS_NAMES[0]
+
+    def _pass_by_order(self) -> str:
+        """The first call of a step is its conditional pass, the next its unconditional one."""
+        step = self._state.step
+        index = None if step is None else step.index
+        last, calls = self._calls
+        calls = calls + 1 if index == last else 0
+        object.__setattr__(self, "_calls", (index, calls))
+        return PASS_NAMES[min(calls, 1)]
+
+    def _gated(self, *args, **kwargs):
         state = self._state
         step = state.step
         if step is None or step.cfg or not state.cfg_call:

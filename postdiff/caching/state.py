@@ -30,25 +30,29 @@ class Slot:
 
 @dataclass
 class CrossAttentionEntry:
-    """A cross-attention output recorded at `latent_hw`, and `current`: the same at `current_hw`, the latent size
-    of the step that reads it (resampled by `RunState.enter`)."""
+    """A cross-attention output recorded at `latent_hw` (and a video's `latent_frames`), and `current`: the same at
+    `current_hw` and `current_frames`, the latent size of the step that reads it (resampled by `RunState.enter`)."""
 
-    output: torch.Tensor  # (n, tokens, channels)
+    output: torch.Tensor  # (n, tokens, channels); a video's tokens are frames x grid
     latent_hw: tuple[int, int]
+    latent_frames: int | None = None  # None: an image model
 
     def __post_init__(self):
-        self.current, self.current_hw = self.output, self.latent_hw
+        self.current, self.current_hw, self.current_frames = self.output, self.latent_hw, self.latent_frames
 
-    def align(self, latent_hw: tuple[int, int]) -> None:
-        if latent_hw != self.current_hw:
-            self.current = self.output if latent_hw == self.latent_hw else resample_tokens(self.output, self.latent_hw, latent_hw)
-            self.current_hw = latent_hw
+    def align(self, latent_hw: tuple[int, int], latent_frames: int | None = None) -> None:
+        if (latent_hw, latent_frames) != (self.current_hw, self.current_frames):
+            recorded = (latent_hw, latent_frames) == (self.latent_hw, self.latent_frames)
+            self.current = self.output if recorded else resample_tokens(self.output, self.latent_hw, latent_hw,
+                                                                        self.latent_frames, latent_frames)
+            self.current_hw, self.current_frames = latent_hw, latent_frames
 
 
 @dataclass
 class RunState:
     step: Step | None = None  # None outside a PostDiff call: hooks then run the module unchanged
     latent_hw: tuple[int, int] | None = None
+    latent_frames: int | None = None  # a video's latent frames in the current step (None: an image model)
     num_images: int = 0  # conditional batch size (images per call)
     guidance_scale: float = 1.0
     pass_name: str = ""  # which denoiser pass of a step runs (PASS_NAMES)
@@ -73,7 +77,7 @@ class RunState:
 
     def reset(self) -> None:
         self.step = None
-        self.latent_hw = None
+        self.latent_hw = self.latent_frames = None
         self.pass_name = ""
         self.conditional_output = self.control_scale = None
         self.reset_deep_cache()
@@ -81,17 +85,18 @@ class RunState:
 
     def enter(self, step: Step) -> None:
         """Apply the events before `step` and make it the current step of every hook."""
-        if "switch" in step.events:
+        if "switch" in step.events or "denoiser_change" in step.events:
             self.reset_deep_cache()
         if "cfg_stop" in step.events:
             self.drop_unconditional()
         if step.cross_attention == "cached":
-            self.align_cross_attention(step.latent_hw)
-        self.step, self.latent_hw = step, step.latent_hw
+            self.align_cross_attention(step.latent_hw, step.latent_frames)
+        self.step, self.latent_hw, self.latent_frames = step, step.latent_hw, step.latent_frames
         self.conditional_output = None
 
     def reset_deep_cache(self) -> None:
-        """The deep features have the old spatial size after a resolution switch: drop them."""
+        """The deep features have the old spatial size after a resolution switch, and are another model's after a
+        denoiser change: drop them."""
         _empty(self.deep)
 
     def drop_unconditional(self) -> None:
@@ -99,11 +104,11 @@ class RunState:
         for slot in self.deep.values():
             slot.value = conditional_half(slot.value, self.num_images)
 
-    def align_cross_attention(self, latent_hw: tuple[int, int]) -> None:
-        """Cross-attention records made at another resolution are resampled to `latent_hw` before the step."""
+    def align_cross_attention(self, latent_hw: tuple[int, int], latent_frames: int | None = None) -> None:
+        """Cross-attention records made at another resolution (or frame count) are resampled to it before the step."""
         for slot in self.cross_attention.values():
             if isinstance(slot.value, CrossAttentionEntry):
-                slot.value.align(latent_hw)
+                slot.value.align(latent_hw, latent_frames)
 
 
 def _empty(store: dict) -> None:

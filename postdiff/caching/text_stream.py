@@ -95,13 +95,14 @@ def _has(module: torch.nn.Module, dotted: str) -> bool:
 
 
 def apply_text_stream_cache(model: torch.nn.Module, block_names: list[str], mode: str, state: RunState,
-                            cached_span: list[str] = (), skipped: tuple[str, ...] = SKIPPED_MODULES) -> list[str]:
+                            cached_span: list[str] = (), skipped: tuple[str, ...] = SKIPPED_MODULES, prefix: str = "") -> list[str]:
     """Hook the two-stream blocks (after block caching, so this hook is the outer one); `skipped`: the block's
-    modules that only feed its text output (the model's names). Returns the hooked blocks' names."""
+    modules that only feed its text output (the model's names); records kept under `prefix` + block name. Returns
+    the hooked blocks' names."""
     names = text_stream_blocks(model, block_names, skipped)
     for name in names:
         block = model.get_submodule(name)
-        slot = state.declare(state.cross_attention, name)
+        slot = state.declare(state.cross_attention, prefix + name)
         install(block, TextStreamBlockHook(state, mode, name in cached_span, slot, block_layout(block)))
         for part in skipped:
             install(block.get_submodule(part), SkipOnCachedTextHook(state))

@@ -16,10 +16,25 @@ A method is named by a short spec, "name:key=value,key=value":
   transformer is calibrated with diffusers' own calibration mode on one call of the workload's first prompt
   (seed 0) at the same step count and guidance, made by the caller (`calibration_call`) when the method is
   applied; that call is counted in neither the MACs nor the quality.
+- "cache-dit:rdt=0.08,Fn=1,Bn=0,taylorseer=0" - DBCache of the PyPI package `cache-dit` (pinned 1.5.3, the
+  `external` extra), attached with its own `enable_cache` and removed with its own `disable_cache`. The keys
+  are cache-dit's own short names (its example command line's `--rdt`, `--Fn`, `--Bn`, `--ws`, `--mc`,
+  `--mcc`, `--taylorseer`, `-order`): the residual-difference threshold, the first Fn blocks always run (the
+  difference is measured after them), the last Bn always run, warmup steps, the most cached steps in all and
+  in a row (-1: no limit), its TaylorSeer calibrator (1: on) and its order. Left out, a key takes
+  `DBCacheConfig`'s default (Bn 0, ws 8, mc -1, mcc -1; order 1); rdt and Fn have to be given (its default
+  Fn, 8, is more blocks than the embedded flow model has). Pipelines cache-dit registers (FLUX, SD3, ...)
+  get its own `BlockAdapter`; an unregistered pipeline with SD3's transformer (the embedded flow model) gets
+  the adapter cache-dit registers for SD3, built here on the pipeline. cache-dit resets its state at the
+  start of every pipeline call (its wrapped `__call__`). TaylorSeer forecasts the image stream only
+  (`enable_encoder_calibrator` off, as in cache-dit's own config loader): SD3's last block returns no text
+  stream, on which cache-dit 1.5.3's text-stream calibrator fails. `disable_cache` leaves the forward it
+  installed (FLUX: its copy of diffusers' forward) and the pipeline class's `__call__` in place; they are
+  put back here, so the pipeline is diffusers' own again.
 
 The cost of a method postdiff does not plan is measured: one real 1-image call under torch's FLOP counter,
-keeping the denoiser's own count (same "macs" convention as the plan-based accounting; tested equal to it
-on PostDiff's own configurations).
+keeping what it counts while the denoiser runs (same "macs" convention as the plan-based accounting; tested
+equal to it on PostDiff's own configurations).
 """
 
 from __future__ import annotations
@@ -27,14 +42,16 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import importlib.util
 import io
 import logging
 from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..accounting import count_call
+from ..accounting import ATTENTION_PRODUCTS
 from ..config import ConfigError
 
 KNOWN_ARGUMENTS = {
@@ -43,8 +60,10 @@ KNOWN_ARGUMENTS = {
     "first-block-cache": {"threshold": float},
     "taylorseer": {"interval": int, "order": int, "warmup": int},
     "magcache": {"threshold": float, "max_skip": int, "retention": float},
+    "cache-dit": {"rdt": float, "Fn": int, "Bn": int, "ws": int, "mc": int, "mcc": int, "taylorseer": int, "order": int},
 }
-OPTIONAL_ARGUMENTS = {"deepcache-package": {"branch"}, "taylorseer": {"order", "warmup"}, "magcache": {"max_skip", "retention"}}
+OPTIONAL_ARGUMENTS = {"deepcache-package": {"branch"}, "taylorseer": {"order", "warmup"}, "magcache": {"max_skip", "retention"},
+                      "cache-dit": {"Bn", "ws", "mc", "mcc", "taylorseer", "order"}}
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,8 @@ class ExternalMethod:
         missing = set(allowed) - set(arguments) - OPTIONAL_ARGUMENTS.get(name, set())
         if missing:
             raise ConfigError(f"external={spec!r}: missing {', '.join(sorted(missing))}")
+        if name in VALUE_CHECKS:
+            VALUE_CHECKS[name](spec, arguments)
         return cls(name, tuple(sorted(arguments.items())))
 
     @property
@@ -85,6 +106,10 @@ class ExternalMethod:
         arguments = dict(self.arguments)
         if self.name == "magcache":  # the ratios travel with the arguments, so every cache keeps one factory
             arguments["ratios"] = mag_ratios(pipe.transformer, num_inference_steps, calibration_call)
+        if self.name == "cache-dit":
+            with cache_dit_cache(pipe, arguments, self.spec):
+                yield lambda seed: None  # cache-dit resets its own state at the start of every pipeline call
+            return
         if self.name in DIFFUSERS_CACHES:
             with diffusers_cache(pipe.transformer, DIFFUSERS_CACHES[self.name](arguments, num_inference_steps)) as reset:
                 yield lambda seed: reset()
@@ -249,6 +274,125 @@ def _with_cache_mixin(cls: type) -> type:
     return type(cls.__name__, (cls, CacheMixin), {"__module__": cls.__module__})
 
 
+CACHE_DIT_VERSION = "1.5.3"  # the version of the `external` extra (pyproject.toml), tested here
+CACHE_DIT_FIELDS = {"rdt": "residual_diff_threshold", "Fn": "Fn_compute_blocks", "Bn": "Bn_compute_blocks",
+                    "ws": "max_warmup_steps", "mc": "max_cached_steps", "mcc": "max_continuous_cached_steps"}
+
+
+def _check_cache_dit_arguments(spec: str, arguments: dict) -> None:
+    """Values cache-dit would take but that mean nothing or fail mid-call, and a missing package: refused when
+    the spec is read, before any pipeline is built or run."""
+    problems = []
+    if arguments["rdt"] < 0:
+        problems.append("rdt (the residual-difference threshold) must be >= 0")
+    if arguments["Fn"] < 1:
+        problems.append("Fn must be >= 1: the difference is measured on the residual of the first Fn blocks")
+    problems += [f"{key} must be >= 0" for key in ("Bn", "ws") if arguments.get(key, 0) < 0]
+    problems += [f"{key} must be -1 (no limit) or >= 0" for key in ("mc", "mcc") if arguments.get(key, -1) < -1]
+    if arguments.get("taylorseer", 0) not in (0, 1):
+        problems.append("taylorseer must be 0 (off) or 1 (on)")
+    elif "order" in arguments and not arguments.get("taylorseer"):
+        problems.append("order is TaylorSeer's: give it with taylorseer=1")
+    if arguments.get("order", 1) < 1:
+        problems.append("order must be >= 1")
+    if problems:
+        raise ConfigError(f"external={spec!r}: " + "; ".join(problems))
+    if importlib.util.find_spec("cache_dit") is None:
+        raise ConfigError(f"external={spec!r}: the cache-dit package is not installed "
+                          f"(pip install cache-dit=={CACHE_DIT_VERSION}: postdiff's `external` extra)")
+
+
+VALUE_CHECKS = {"cache-dit": _check_cache_dit_arguments}
+
+
+@contextlib.contextmanager
+def cache_dit_cache(pipe, arguments: dict, spec: str = "cache-dit"):
+    """cache-dit's DBCache (with its TaylorSeer calibrator when asked) on `pipe` for the duration, attached by
+    its own `enable_cache` and removed by its own `disable_cache`; what that leaves behind is put back."""
+    import cache_dit
+
+    with _restored_after_cache_dit(pipe):
+        adapter = cache_dit_adapter(pipe)  # cache-dit's FLUX adapter already patches the forward: inside the restore
+        _check_cacheable_blocks(adapter, arguments, spec)
+        cache_config = cache_dit.DBCacheConfig(**{field: arguments[key] for key, field in CACHE_DIT_FIELDS.items()
+                                                  if key in arguments})
+        calibrator = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=arguments.get("order", 1),
+                                                           enable_encoder_calibrator=False)
+                      if arguments.get("taylorseer") else None)
+        try:
+            cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
+            yield
+        finally:
+            cache_dit.disable_cache(adapter)
+
+
+def cache_dit_adapter(pipe):
+    """cache-dit's `BlockAdapter` for `pipe`: the one it registers for the pipeline's class, else (a pipeline of
+    ours around SD3's transformer: the embedded flow model) the layout of the one it registers for SD3."""
+    import cache_dit
+    from diffusers import SD3Transformer2DModel
+
+    adapter = cache_dit.get_adapter(pipe)
+    if adapter is not None:
+        return adapter
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, SD3Transformer2DModel):
+        return cache_dit.BlockAdapter(pipe=pipe, transformer=transformer, blocks=transformer.transformer_blocks,
+                                      forward_pattern=cache_dit.ForwardPattern.Pattern_1, check_forward_pattern=True)
+    denoiser = type(transformer if transformer is not None else getattr(pipe, "unet", None)).__name__
+    raise ConfigError(f"cache-dit on {type(pipe).__name__} ({denoiser}): cache-dit caches the blocks of a "
+                      "transformer; it registers no adapter for this pipeline, and postdiff builds one only for "
+                      "SD3's transformer (SD3Transformer2DModel)")
+
+
+def _check_cacheable_blocks(adapter, arguments: dict, spec: str) -> None:
+    """Fn first and Bn last blocks always run: together they must leave at least one block of every block list
+    the adapter caches (cache-dit checks each alone, and only once the transformer runs)."""
+    block_lists = adapter.blocks if isinstance(adapter.blocks, (list, tuple)) else [adapter.blocks]
+    always = arguments["Fn"] + arguments.get("Bn", 0)
+    for blocks in block_lists:
+        if always >= len(blocks):
+            raise ConfigError(f"external={spec!r}: Fn + Bn = {always} blocks always run, which leaves none of the "
+                              f"{len(blocks)} cached blocks of {type(adapter.transformer).__name__} to skip")
+
+
+@contextlib.contextmanager
+def _restored_after_cache_dit(pipe):
+    """The attributes cache-dit sets and `disable_cache` leaves set, put back on exit: the pipeline class's
+    `__call__` (reassigned, or added to a class that inherited it) and the instance `forward` (and the
+    `_is_patched` mark) of the transformer and its modules (FLUX: cache-dit's own copy of diffusers' forward)."""
+    transformer = getattr(pipe, "transformer", None)
+    modules = list(transformer.modules()) if transformer is not None else []
+    owners = [(type(pipe), "__call__")] + [(module, name) for module in modules for name in ("forward", "_is_patched")]
+    missing = object()
+    before = [vars(owner).get(name, missing) for owner, name in owners]
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(owners, before):
+            if value is missing and name in vars(owner):
+                delattr(owner, name)
+            elif value is not missing and vars(owner).get(name, missing) is not value:
+                setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def counted_block_calls(transformer):
+    """The transformer blocks that actually run, from forward hooks on the blocks themselves: one list per
+    transformer call (a step: these pipelines run CFG as one batch) of the indices of the blocks run, counted
+    over `transformer_blocks` then `single_transformer_blocks` (FLUX). Independent of any method's own stats."""
+    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    calls: list[list[int]] = []
+    handles = [transformer.register_forward_pre_hook(lambda module, args: calls.append([]))]
+    handles += [block.register_forward_hook(lambda module, args, output, index=index: calls[-1].append(index))
+                for index, block in enumerate(blocks)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def first_attention_downsample(unet) -> int:
     """tomesd's `max_downsample` that reaches the highest-resolution level with attention blocks."""
     level = next(i for i, block in enumerate(unet.down_blocks) if getattr(block, "attentions", None))
@@ -260,10 +404,31 @@ def _reseed_tomesd(unet, seed: int) -> None:
 
 
 def measured_denoiser_macs(pipe, **call_arguments) -> float:
-    """Denoiser MACs of one real call (attention score/value products excluded, as in the "macs" convention)."""
+    """Denoiser MACs of one real call (attention score/value products excluded, as in the "macs" convention).
+
+    What the counter counts in all ("Global") while the denoiser runs, read at its own forward hooks, not what
+    it files under the denoiser's module name: cache-dit's cached blocks hold the transformer as a submodule,
+    which renames it in the counter's module tracker mid-call, and the tracker then files all that follows
+    (the VAE's decode) under it. Without such a method the two are the same."""
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    with countable_attention(denoiser):
-        return count_call(lambda: pipe(**call_arguments), scope=type(denoiser).__name__)[0]
+    counter = FlopCounterMode(display=False)
+    starts: list[int] = []
+    inside: list[int] = []
+    handles = [denoiser.register_forward_pre_hook(lambda module, args: starts.append(_flops_without_attention(counter))),
+               denoiser.register_forward_hook(lambda module, args, output: inside.append(_flops_without_attention(counter) - starts.pop()))]
+    try:
+        with countable_attention(denoiser), counter:
+            pipe(**call_arguments)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(inside) / 2
+
+
+def _flops_without_attention(counter: FlopCounterMode) -> int:
+    """All the flops `counter` has counted so far, less the attention products (`count_call`'s convention)."""
+    by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    return sum(by_op.values()) - sum(by_op.get(name, 0) for name in ATTENTION_PRODUCTS)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 from ..caching.guidance import apply_guidance_hook
 from ..config import ConfigError
 from ..denoisers import DENOISER_KINDS, DenoiserKind
-from ..plan import ModelFacts
+from ..plan import ModelFacts, StepPlan, make_plan
 from ..schedulers import traits_of
 
 _FAMILIES: list[type["Family"]] = []
@@ -49,11 +49,19 @@ class Family:
     denoiser_kind = "unet"  # denoisers.DENOISER_KINDS key
     max_text_length = 77  # prompt tokens the denoiser sees (CLIP: 77; T5-based families: more)
     cfg_passes = 1  # denoiser passes of a CFG step: 1 where CFG is one batch, 2 where it runs as separate passes
+    # Separate passes: the pipeline names them in the denoiser's `cache_context("cond")` / `("uncond")`; False where
+    # it calls the denoiser twice without (Chroma, FLUX.1-Kontext), conditional first (caching/guidance.py)
+    passes_in_cache_context = True
     decodes_from_loop = False  # the pipeline decodes a value only its loop makes (LCM's `denoised`)
 
     @classmethod
     def kind(cls) -> DenoiserKind:
         return DENOISER_KINDS[cls.denoiser_kind]
+
+    @classmethod
+    def denoiser_attributes(cls, pipe) -> tuple[str, ...]:
+        """The pipeline components that denoise in this call's steps (Wan 2.2: two experts, by noise level)."""
+        return (cls.denoiser_attribute,)
 
     @classmethod
     def cached_models(cls, pipe) -> list[torch.nn.Module]:
@@ -77,6 +85,7 @@ class Family:
         self.begin_offset = 0  # scheduler timesteps before the call's first (img2img's strength skips them)
         self.planned_steps = None  # steps of the call's plan (set by the engine before its segments)
         self.switch_noise = None  # the fresh noise of the last switch's re-noising (set by the engine)
+        self.encodings = {}  # the probe's results of the memoized methods (engine.MEMOIZED), in call order (set by the engine)
 
     # -- before any compute
     def check_arguments(self) -> None:
@@ -90,6 +99,11 @@ class Family:
         repeats = traits.restart_repeats if traits is not None else 0
         facts = self.kind().facts(getattr(self.pipe, self.denoiser_attribute), latent_hw, repeats)
         return replace(facts, text_length=self.text_length())
+
+    def plan_for(self, config, timesteps: torch.Tensor, facts: ModelFacts, scheduler, do_cfg: bool = True) -> StepPlan:
+        """The plan of the call's `timesteps` (those its loop iterates, `planned_timesteps`) on `scheduler` (the
+        call's real one); an adapter whose denoiser changes with the timestep (Wan 2.2) adds `denoiser_changes`."""
+        return make_plan(config, len(timesteps), facts, do_cfg=do_cfg)
 
     def text_length(self) -> int | None:
         """Text tokens the denoiser sees in this call, where the call decides it (None: the model's own)."""

@@ -73,6 +73,14 @@ class TestbedVideoPipeline(WanPipeline):
         """The CLIP encoder's tokens at the tokenizer's length (Wan pads T5's to `max_sequence_length`)."""
         return super()._get_t5_prompt_embeds(prompt, num_videos_per_prompt, self.tokenizer.model_max_length, device, dtype)
 
+    def check_inputs(self, prompt, negative_prompt, height, width, *args, **kwargs):
+        """Wan's checks, with its size rule at this model's scale: Wan asks for multiples of 16 pixels (its VAE's 8 x
+        its patch of 2), here a pixel is a latent and a patch is 4 (so 24 px frames, beta 3/4, are valid)."""
+        patch = self.transformer.config.patch_size[1]
+        if height % patch or width % patch:
+            raise ValueError(f"`height` and `width` have to be divisible by {patch} but are {height} and {width}.")
+        super().check_inputs(prompt, negative_prompt, 16, 16, *args, **kwargs)  # the size checked above
+
     def __call__(self, *args, output_type: str = "np", return_dict: bool = True, **kwargs):
         """Wan's call, `num_frames` frames exactly: Wan rounds every count up to the next `k * temporal factor + 1`,
         which for a factor of 1 is always one more, so the count goes in one less (and its warning is muted)."""
