@@ -414,8 +414,14 @@ def measured_denoiser_macs(pipe, **call_arguments) -> float:
     counter = FlopCounterMode(display=False)
     starts: list[int] = []
     inside: list[int] = []
-    handles = [denoiser.register_forward_pre_hook(lambda module, args: starts.append(_flops_without_attention(counter))),
-               denoiser.register_forward_hook(lambda module, args, output: inside.append(_flops_without_attention(counter) - starts.pop()))]
+
+    def enter(module, args) -> None:
+        starts.append(_flops_without_attention(counter))
+
+    def leave(module, args, output) -> None:
+        inside.append(_flops_without_attention(counter) - starts.pop())
+
+    handles = [denoiser.register_forward_pre_hook(enter), denoiser.register_forward_hook(leave)]
     try:
         with countable_attention(denoiser), counter:
             pipe(**call_arguments)
