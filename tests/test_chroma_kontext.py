@@ -348,7 +348,7 @@ def test_chroma_img2img_encodes_the_area_downscaled_image_at_low_resolution():
 REFUSED = [
     ("chroma", PostDiffConfig(cache_interval=2, cache_branch=2), {},
      "cache_branch=2 is not allowed: this transformer \\(5 blocks\\) has branches 0..1"),
-    ("kontext", PostDiffConfig(beta=0.5625, switch=0.5), {}, "beta=0.5625 gives a 9x9 latent .* multiples of 2"),
+    ("kontext", PostDiffConfig(beta=0.05, switch=0.5), {}, "beta=0.05 gives a 0.8x0.8 latent .* multiple of 2 per side is 0x0: a side of 0"),
     ("chroma", PostDiffConfig(beta=0.5, switch=0.5), dict(latents=torch.zeros(1, 64, 16)), "latents= cannot be given"),
     ("chroma-img2img", PostDiffConfig(cfg_stop=7), {}, "cfg_stop=7 is out of range for 6 steps"),
 ]
