@@ -86,6 +86,7 @@ class Family:
         self.planned_steps = None  # steps of the call's plan (set by the engine before its segments)
         self.switch_noise = None  # the fresh noise of the last switch's re-noising (set by the engine)
         self.encodings = {}  # the probe's results of the memoized methods (engine.MEMOIZED), in call order (set by the engine)
+        self.computed = {}  # pipeline method -> its result in the first segment (`computed_once`)
 
     # -- before any compute
     def check_arguments(self) -> None:
@@ -160,6 +161,20 @@ class Family:
             segment["guidance_rescale"] = 0.0
         return segment
 
+    def computed_once(self, names: tuple[str, ...], first: bool) -> dict:
+        """Pipeline methods (name -> function) that the first segment runs and the later ones answer with its result:
+        what does not change with the segment's size (an edit's condition latents, encoded at full size)."""
+        def recorded(name: str):
+            method = getattr(self.pipe, name)
+
+            def run(*args, **kwargs):
+                self.computed[name] = method(*args, **kwargs)
+                return self.computed[name]
+
+            return run
+
+        return {name: recorded(name) if first else (lambda *args, name=name, **kwargs: self.computed[name]) for name in names}
+
     def segment_methods(self, phase, first: bool, latents) -> dict:
         """Pipeline methods replaced for one segment's call (name -> function): how the segment's latents enter a
         pipeline without `latents=` (img2img: its `prepare_latents`), how its conditioning is made at its size."""
@@ -183,3 +198,10 @@ class Family:
         `low_res_shift="own"`: the pipeline sets it to the schedule of the segment's size. None where the
         schedule does not depend on the size."""
         return None
+
+
+def packed_latent_hw(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """Even latent sides: pipelines that pack 2x2 latent patches into tokens (FLUX, Qwen-Image, FLUX.2, Z-Image)
+    round the requested size down to whole patches."""
+    factor = vae_scale_factor * 2
+    return (2 * (int(height) // factor), 2 * (int(width) // factor))

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 
 from ..denoisers import DenoiserSpec, FluxKind, register_kind
-from .base import Family, register
+from .base import register
 from .flux import FluxFamily
 from .flux2 import check_combined_text_lengths
-from .sd import StableDiffusionImg2ImgFamily
+from .sd import CallSizedImg2ImgFamily
 
 
 class ChromaKind(FluxKind):
@@ -86,30 +86,11 @@ class ChromaFamily(FluxFamily):
 
 
 @register
-class ChromaImg2ImgFamily(StableDiffusionImg2ImgFamily, ChromaFamily):
-    """Starts from the init image's latents noised to the strength's first timestep, as SD image-to-image
-    (sd.py): the plan counts the steps from there (`begin_offset`); the size is the call's (1024 by default: the
-    pipeline resizes the image to it). Low resolution: the image, preprocessed at the requested size as the
-    pipeline does, is area-downscaled to the phase's size (an anti-aliased downscale) and encoded by the
-    pipeline's own `prepare_latents`; later segments start from `latents=`."""
+class ChromaImg2ImgFamily(CallSizedImg2ImgFamily, ChromaFamily):
+    """SD image-to-image's plan at the call's size (1024 by default; sd.py, `CallSizedImg2ImgFamily`)."""
 
     name = "chroma-img2img"
     preset_family = "chroma"
     pipeline_names = ("ChromaImg2ImgPipeline",)
 
-    def __init__(self, pipe, arguments: dict):
-        ChromaFamily.__init__(self, pipe, arguments)
-        image = arguments["image"]
-        self.image = None if image is None else pipe.image_processor.preprocess(image, height=self.height, width=self.width)
-
     latent_hw = ChromaFamily.latent_hw
-    segment_size = Family.segment_size  # the call's height and width set the size, as in text-to-image
-
-    def segment_methods(self, phase, first: bool, latents) -> dict:
-        """The segment's timesteps (`get_timesteps`, as SD image-to-image); the first segment below full size
-        encodes the area-downscaled image (whatever image the pipeline preprocessed at the segment's size)."""
-        methods = {"get_timesteps": self.segment_timesteps}
-        if first and phase.latent_hw != self.latent_hw:
-            prepare, image = self.pipe.prepare_latents, self.resized_image(self.image, phase.latent_hw)
-            methods["prepare_latents"] = lambda _, *args, **kwargs: prepare(image, *args, **kwargs)
-        return methods

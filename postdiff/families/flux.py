@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, register
+from .base import Family, packed_latent_hw, register
 
 
 @register
@@ -50,8 +50,7 @@ class FluxFamily(Family):
     @property
     def latent_hw(self) -> tuple[int, int]:
         """Even latent sides (the pipeline rounds down to whole 2x2 patches)."""
-        factor = self.pipe.vae_scale_factor * 2
-        return (2 * (int(self.height) // factor), 2 * (int(self.width) // factor))
+        return packed_latent_hw(self.height, self.width, self.pipe.vae_scale_factor)
 
     def own_scheduler(self, scheduler, phase):
         return type(scheduler).from_config(scheduler.config)  # the pipeline's mu follows the segment's token count

@@ -38,7 +38,7 @@ import torch
 from ..config import ConfigError
 from ..denoisers import DenoiserSpec, TransformerKind, register_kind
 from ..plan import ModelFacts
-from .base import Family, register
+from .base import Family, packed_latent_hw, register
 
 REFERENCE_AREA = 1024 * 1024  # Flux2Pipeline resizes a reference image above this many pixels down to it
 
@@ -110,7 +110,6 @@ class Flux2Family(Family):
         self.width = arguments["width"] or last[1] or default
         factor = pipe.vae_scale_factor
         self.condition_hw = reference_strip([(h // factor, w // factor) for h, w in sizes])
-        self.recorded = {}  # pipeline method -> its result in the first segment (reused by the later ones)
 
     def reference_images(self) -> list:
         image = self.args["image"]
@@ -148,28 +147,14 @@ class Flux2Family(Family):
     @property
     def latent_hw(self) -> tuple[int, int]:
         """Even latent sides (the pipeline rounds down to whole 2x2 patches)."""
-        factor = self.pipe.vae_scale_factor * 2
-        return (2 * (int(self.height) // factor), 2 * (int(self.width) // factor))
+        return packed_latent_hw(self.height, self.width, self.pipe.vae_scale_factor)
 
     def own_scheduler(self, scheduler, phase):
         return type(scheduler).from_config(scheduler.config)  # the pipeline's mu follows the segment's token count
 
     def segment_methods(self, phase, first: bool, latents) -> dict:
         """The reference images' latents (and an upsampled caption) computed by the first segment, reused after."""
-        return {name: self.recording(name) if first else self.replaying(name)
-                for name in ("prepare_image_latents", "upsample_prompt")}
-
-    def recording(self, name: str):
-        method = getattr(self.pipe, name)
-
-        def recorded(*args, **kwargs):
-            self.recorded[name] = method(*args, **kwargs)
-            return self.recorded[name]
-
-        return recorded
-
-    def replaying(self, name: str):
-        return lambda *args, **kwargs: self.recorded[name]
+        return self.computed_once(("prepare_image_latents", "upsample_prompt"), first)
 
     # -- the latent layout (see the module's doc)
     def spatial_latents(self, latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -213,4 +198,4 @@ class Flux2KleinFamily(Flux2Family):
         check_combined_text_lengths(plan, self.text_lengths(), self.do_cfg)
 
     def segment_methods(self, phase, first: bool, latents) -> dict:
-        return {name: self.recording(name) if first else self.replaying(name) for name in ("prepare_image_latents",)}
+        return self.computed_once(("prepare_image_latents",), first)

@@ -62,7 +62,6 @@ class FluxKontextFamily(FluxFamily):
         super().__init__(pipe, arguments)
         self.height, self.width = self.output_size()
         self.condition_hw = self.condition_latent_size(arguments["image"])
-        self.condition_latents = None
 
     def output_size(self) -> tuple[int, int]:
         """The size the pipeline generates at: the requested one's aspect ratio at `max_area` pixels, in whole 16s."""
@@ -94,10 +93,4 @@ class FluxKontextFamily(FluxFamily):
         return {**size, "max_area": size["height"] * size["width"]}
 
     def segment_methods(self, phase, first: bool, latents) -> dict:
-        encode = self.pipe._encode_vae_image
-
-        def recorded(*args, **kwargs):
-            self.condition_latents = encode(*args, **kwargs)
-            return self.condition_latents
-
-        return {"_encode_vae_image": recorded if first else lambda *args, **kwargs: self.condition_latents}
+        return self.computed_once(("_encode_vae_image",), first)

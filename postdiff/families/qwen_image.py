@@ -28,8 +28,8 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dime
 from ..config import ConfigError
 from ..denoisers import DenoiserSpec, TransformerKind, register_kind
 from ..plan import ModelFacts
-from .base import Family, register
-from .sd import StableDiffusionImg2ImgFamily
+from .base import Family, packed_latent_hw, register
+from .sd import CallSizedImg2ImgFamily
 
 
 class QwenImageKind(TransformerKind):
@@ -98,8 +98,7 @@ class QwenImageFamily(Family):
     @property
     def latent_hw(self) -> tuple[int, int]:
         """Even latent sides (the pipeline rounds down to whole 2x2 patches)."""
-        factor = self.pipe.vae_scale_factor * 2
-        return (2 * (int(self.height) // factor), 2 * (int(self.width) // factor))
+        return packed_latent_hw(self.height, self.width, self.pipe.vae_scale_factor)
 
     def own_scheduler(self, scheduler, phase):
         return type(scheduler).from_config(scheduler.config)  # the pipeline's mu follows the segment's token count
@@ -114,34 +113,14 @@ class QwenImageFamily(Family):
 
 
 @register
-class QwenImageImg2ImgFamily(StableDiffusionImg2ImgFamily, QwenImageFamily):
-    """Starts from the init image's latents noised to the strength's first timestep, as SD image-to-image
-    (sd.py): the plan counts the steps from there (`begin_offset`), the size is the call's (the pipeline resizes
-    the image to it). Low resolution: the image, preprocessed at the requested size as the pipeline does, is
-    area-downscaled to the phase's size (an anti-aliased downscale; the pipeline's own resize of a tensor image
-    is nearest-neighbour) and encoded by the pipeline's own `prepare_latents`; later segments start from
-    `latents=`."""
+class QwenImageImg2ImgFamily(CallSizedImg2ImgFamily, QwenImageFamily):
+    """SD image-to-image's plan at the call's size (sd.py, `CallSizedImg2ImgFamily`)."""
 
     name = "qwen-image-img2img"
     preset_family = "qwen-image"
     pipeline_names = ("QwenImageImg2ImgPipeline",)
 
-    def __init__(self, pipe, arguments: dict):
-        QwenImageFamily.__init__(self, pipe, arguments)
-        image = arguments["image"]
-        self.image = None if image is None else pipe.image_processor.preprocess(image, height=self.height, width=self.width)
-
     latent_hw = QwenImageFamily.latent_hw
-    segment_size = Family.segment_size  # the call's height and width set the size, as in text-to-image
-
-    def segment_methods(self, phase, first: bool, latents) -> dict:
-        """The segment's timesteps (`get_timesteps`, as SD image-to-image); the first segment below full size
-        encodes the area-downscaled image (whatever image the pipeline preprocessed at the segment's size)."""
-        methods = {"get_timesteps": self.segment_timesteps}
-        if first and phase.latent_hw != self.latent_hw:
-            prepare, image = self.pipe.prepare_latents, self.resized_image(self.image, phase.latent_hw)
-            methods["prepare_latents"] = lambda _, *args, **kwargs: prepare(image, *args, **kwargs)
-        return methods
 
 
 @register
@@ -171,7 +150,6 @@ class QwenImageEditFamily(QwenImageFamily):
         self.width = (arguments["width"] or width or 0) // multiple * multiple
         factor = pipe.vae_scale_factor
         self.condition_hw = None if image is None else (height // factor, width // factor)
-        self.condition_latents = None
 
     def facts(self, latent_hw: tuple[int, int]) -> ModelFacts:
         """The condition image's latent size (its tokens join every step: the accounting counts them)."""
@@ -188,10 +166,4 @@ class QwenImageEditFamily(QwenImageFamily):
         return width, height
 
     def segment_methods(self, phase, first: bool, latents) -> dict:
-        encode = self.pipe._encode_vae_image
-
-        def recorded(*args, **kwargs):
-            self.condition_latents = encode(*args, **kwargs)
-            return self.condition_latents
-
-        return {"_encode_vae_image": recorded if first else lambda *args, **kwargs: self.condition_latents}
+        return self.computed_once(("_encode_vae_image",), first)

@@ -119,3 +119,29 @@ class StableDiffusionImg2ImgFamily(StableDiffusionFamily):
     def start_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """The pipeline's `get_timesteps` (it also sets the scheduler's begin index): the strength's last steps."""
         return self.pipe.get_timesteps(num_inference_steps, self.args["strength"], self.device)[0]
+
+
+class CallSizedImg2ImgFamily(StableDiffusionImg2ImgFamily):
+    """SD image-to-image's plan (the strength's steps, `begin_offset`) for pipelines whose call's height and width
+    set the size (the pipeline resizes the image to it) and whose later segments start from `latents=` (Qwen-Image,
+    Chroma): a base for them, before their text-to-image family, not an adapter itself. Low resolution: the image,
+    preprocessed at the requested size as the pipeline does, is area-downscaled to the phase's size (an anti-aliased
+    downscale; the pipeline's own resize of a tensor image is nearest-neighbour) and encoded by the pipeline's own
+    `prepare_latents`."""
+
+    def __init__(self, pipe, arguments: dict):
+        # The adapter's text-to-image family's (next after the SD classes in its MRO): it sets the call's size.
+        super(StableDiffusionFamily, self).__init__(pipe, arguments)
+        image = arguments["image"]
+        self.image = None if image is None else pipe.image_processor.preprocess(image, height=self.height, width=self.width)
+
+    segment_size = Family.segment_size  # the call's height and width set the size, as in text-to-image
+
+    def segment_methods(self, phase, first: bool, latents) -> dict:
+        """The segment's timesteps (`get_timesteps`, as SD image-to-image); the first segment below full size
+        encodes the area-downscaled image (whatever image the pipeline preprocessed at the segment's size)."""
+        methods = {"get_timesteps": self.segment_timesteps}
+        if first and phase.latent_hw != self.latent_hw:
+            prepare, image = self.pipe.prepare_latents, self.resized_image(self.image, phase.latent_hw)
+            methods["prepare_latents"] = lambda _, *args, **kwargs: prepare(image, *args, **kwargs)
+        return methods

@@ -33,7 +33,7 @@ from ..caching.hooks import Hook, install
 from ..caching.state import RunState
 from ..config import ConfigError
 from ..denoisers import DenoiserSpec, TransformerKind, register_kind
-from .base import Family, register
+from .base import Family, packed_latent_hw, register
 from .sd import StableDiffusionImg2ImgFamily
 from .sd3 import StableDiffusion3Family
 
@@ -159,8 +159,7 @@ class ZImageFamily(Family):
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        factor = self.pipe.vae_scale_factor * 2
-        return (2 * (int(self.height) // factor), 2 * (int(self.width) // factor))
+        return packed_latent_hw(self.height, self.width, self.pipe.vae_scale_factor)
 
     def text_length(self) -> int:
         """The longest caption of the call (prompt or negative prompt: the CFG batch is padded to it), as encoded by
