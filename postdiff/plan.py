@@ -188,9 +188,8 @@ def latent_size(scale: float, facts: ModelFacts) -> tuple[int, int]:
     not smaller than the full one."""
     if scale == 1.0:
         return facts.latent_hw
-    low = tuple(_nearest_multiple(scale * side, facts.size_multiple) for side in facts.latent_hw)
-    smaller = all(l <= h for l, h in zip(low, facts.latent_hw)) and low != tuple(facts.latent_hw)
-    if min(low) > 0 and smaller:
+    low = _rounded_size(scale, facts)
+    if _takes(low, facts):
         return low
     height, width = facts.latent_hw
     raise ConfigError(
@@ -201,20 +200,25 @@ def latent_size(scale: float, facts: ModelFacts) -> tuple[int, int]:
     )
 
 
-def _nearest_multiple(side: float, multiple: int) -> int:
-    below = int(side // multiple) * multiple
-    return below + multiple if side - below > below + multiple - side + 1e-9 else below
+def _rounded_size(scale: float, facts: ModelFacts) -> tuple[int, int]:
+    """Each side `scale` x the full side, rounded to the nearest multiple of `facts.size_multiple` (a tie down)."""
+    multiple = facts.size_multiple
+    rounded = []
+    for side in facts.latent_hw:
+        below = int(scale * side // multiple) * multiple
+        rounded.append(below + multiple if scale * side - below > below + multiple - scale * side + 1e-9 else below)
+    return tuple(rounded)
+
+
+def _takes(low: tuple[int, int], facts: ModelFacts) -> bool:
+    """A lower-resolution size the plan can run: positive sides, none above the full size's, and not the full size."""
+    return min(low) > 0 and all(l <= h for l, h in zip(low, facts.latent_hw)) and low != tuple(facts.latent_hw)
 
 
 def _working_scales(facts: ModelFacts) -> str:
-    """The range of beta that gives a smaller latent of positive sides, e.g. "0.25 to 0.9"."""
-    multiple, shortest = facts.size_multiple, min(facts.latent_hw)
-    works = [k / 100 for k in range(1, 100) if min(_nearest_multiple(k / 100 * s, multiple) for s in facts.latent_hw) > 0
-             and any(_nearest_multiple(k / 100 * s, multiple) < s for s in facts.latent_hw)
-             and all(_nearest_multiple(k / 100 * s, multiple) <= s for s in facts.latent_hw)]
-    if not works or shortest < multiple:
-        return "none"
-    return f"{works[0]:g} to {works[-1]:g}"
+    """The range of beta (in hundredths) that gives a size the plan can run, e.g. "0.25 to 0.9"."""
+    works = [k / 100 for k in range(1, 100) if _takes(_rounded_size(k / 100, facts), facts)]
+    return f"{works[0]:g} to {works[-1]:g}" if works else "none"
 
 
 def check_cache_branch(config: PostDiffConfig, max_branch: int | None, denoiser: str) -> None:
