@@ -265,6 +265,16 @@ def score_in_store(pipe, workload, points: list, store: Path, context, log: Cons
         return run_sweep(pipe, workload, points, sweep_store, context, progress=progress)
 
 
+def quantization_value(item: str) -> str:
+    """A --quantize item: "none" is the float denoiser (""), else a name of postdiff.quantization."""
+    from .quantization import check_quantization
+
+    if item.lower() == "none":
+        return ""
+    check_quantization(item)
+    return item
+
+
 def _values(text: str, convert) -> list:
     """A comma list; "none" is None where the value is a number (a CFG stop), and stays a name where it is one
     (the "none" cache mode)."""
@@ -278,7 +288,7 @@ GRID_AXES = {
     "cache_interval": ("cache_intervals", int), "cache_branch": ("cache_branches", int),
     "cfg_stop": ("cfg_stops", int), "ca_mode": ("ca_modes", str), "preset": ("presets", str),
     "switch_noise": ("switch_noises", str), "low_res_shift": ("low_res_shifts", str),
-    "progressive": ("progressives", parse_progressive),
+    "progressive": ("progressives", parse_progressive), "quantize": ("quantizations", quantization_value),
 }
 
 
@@ -327,6 +337,8 @@ def sweep(
     progressive: str = typer.Option("none", help="comma list of progressive schedules (SCALE@FRACTION joined by +; none)"),
     external: list[str] = typer.Option([], help="repeatable: an external method at every step count, "
                                        "e.g. tomesd:ratio=0.5 or deepcache-package:interval=2,branch=1"),
+    quantize: str = typer.Option("none", help="comma list of the denoiser's quantizations (none, int8-weight, "
+                                 "int8-dynamic: torchao), each point swept once per entry"),
     per_class: int = typer.Option(20, min=2, help="images per prompt"),
     seed: int = typer.Option(0),
     guidance_scale: float = typer.Option(3.0),
@@ -346,7 +358,7 @@ def sweep(
 
     axes = dict(steps=steps, beta=beta, switch=switch, cache_interval=cache_interval, cache_branch=cache_branch,
                 cfg_stop=cfg_stop, ca_mode=ca_mode, preset=preset, switch_noise=switch_noise,
-                low_res_shift=low_res_shift, progressive=progressive)
+                low_res_shift=low_res_shift, progressive=progressive, quantize=quantize)
 
     def points_for(family: str):
         return grid(**_grid_arguments(axes), family=family, externals=external)

@@ -69,7 +69,7 @@ def pareto_front(rows: list[dict], metric: str = "fd", lower_is_better: bool = T
 
 def is_fewer_steps_only(row: dict) -> bool:
     point = point_of(row)
-    return not point.external and point.config.is_off
+    return not point.external and not point.quantize and point.config.is_off
 
 
 def pareto_figure(rows: list[dict], path: Path) -> None:
@@ -197,7 +197,7 @@ def chosen_rows(rows: list[dict], budget_fractions=(0.4, 0.65)) -> dict[str, dic
 
 def point_of(row: dict) -> SweepPoint:
     config = PostDiffConfig(**{**row["config"], "progressive": tuple(map(tuple, row["config"]["progressive"]))})
-    return SweepPoint(config, row["steps"], row.get("external", ""))
+    return SweepPoint(config, row["steps"], row.get("external", ""), row.get("quantize", ""))
 
 
 def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None,

@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +27,35 @@ import torch
 from .. import api
 from ..config import PostDiffConfig
 from ..models import plan_macs_per_image
+from ..quantization import check_quantization, denoiser_name, quantized, weight_bytes
 from .baselines import ExternalMethod, measured_denoiser_macs
 from .workloads import Workload
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """A configuration at a step count; `external` names an external method instead (see baselines.py)."""
+    """A configuration at a step count; `external` names an external method instead (see baselines.py);
+    `quantize` a quantization of the denoiser under either (see postdiff/quantization.py), "" for float."""
 
     config: PostDiffConfig
     steps: int
     external: str = ""
+    quantize: str = ""
 
     def describe(self) -> str:
-        return f"{self.steps} steps, {self.external or self.config.describe()}"
+        quantized = f", {self.quantize}" if self.quantize else ""
+        return f"{self.steps} steps, {self.external or self.config.describe()}{quantized}"
 
     @contextlib.contextmanager
     def applied(self, pipe, workload: Workload | None = None, guidance_scale: float | None = None):
         """PostDiff's config, or the external method, on `pipe`; yields a callable run before each seeded call.
         An external method that calibrates (MagCache off FLUX) needs the `workload` and `guidance_scale` of the
         calls it will make."""
+        with quantized(pipe, self.quantize), self._method_applied(pipe, workload, guidance_scale) as before_call:
+            yield before_call
+
+    @contextlib.contextmanager
+    def _method_applied(self, pipe, workload: Workload | None, guidance_scale: float | None):
         if self.external:
             calibration = calibration_call(pipe, workload, self.steps, guidance_scale) if workload is not None else None
             with ExternalMethod.parse(self.external).applied(pipe, self.steps, calibration) as before_call:
@@ -85,20 +94,24 @@ def point_key(point: SweepPoint, context: SweepContext) -> str:
     identity = {"config": point.config.to_dict(), "steps": point.steps, "context": context.__dict__}
     if point.external:
         identity["external"] = point.external
+    if point.quantize:  # only when set: the keys of float points stay those stored before quantization existed
+        identity["quantize"] = point.quantize
     payload = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
          presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,),
-         switch_noises=("iid",), low_res_shifts=("full",)) -> list[SweepPoint]:
+         switch_noises=("iid",), low_res_shifts=("full",), quantizations=("",)) -> list[SweepPoint]:
     """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
     switch) left out and duplicates merged; presets and external methods are added at every step count.
 
     `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
     use and the one the published study measured. Likewise `switch_noises` and `low_res_shifts` apply to configs
-    with a switch."""
+    with a switch. Every point is made once per entry of `quantizations` ("" for the float denoiser)."""
+    for name in filter(None, quantizations):
+        check_quantization(name)
     for beta in betas:  # a value out of range is refused here, not left out below as an invalid combination
         PostDiffConfig(beta=beta)
     for switch in switches:
@@ -115,6 +128,7 @@ def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(
         points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]
     points += [SweepPoint(PostDiffConfig(), n, ExternalMethod.parse(spec).spec) for spec in externals for n in steps]
+    points = [replace(point, quantize=name) for name in quantizations for point in points]
     return list(dict.fromkeys(points))
 
 
@@ -159,6 +173,7 @@ def score_point(pipe, workload: Workload, point: SweepPoint, context: SweepConte
 
     with point.applied(pipe, workload, context.guidance_scale) as before_call:
         macs = applied_point_macs(pipe, point, context.guidance_scale, workload)
+        denoiser_bytes = weight_bytes(getattr(pipe, denoiser_name(pipe)))
         started = time.perf_counter()
         with state.split_between_processes(list(context.classes)) as my_prompts:
             images, labels = workload.generate(pipe, my_prompts, context.per_class, point.steps, context.guidance_scale,
@@ -170,7 +185,9 @@ def score_point(pipe, workload: Workload, point: SweepPoint, context: SweepConte
     images = np.concatenate([shard[0] for shard in shards])
     labels = np.concatenate([shard[1] for shard in shards])
     return {
-        "key": point_key(point, context), "config": point.config.to_dict(), "external": point.external, "describe": point.describe(),
+        "key": point_key(point, context), "config": point.config.to_dict(), "external": point.external,
+        **({"quantize": point.quantize} if point.quantize else {}), "weight_bytes": denoiser_bytes,
+        "describe": point.describe(),
         "steps": point.steps, "context": context.__dict__, **workload.score(images, labels), "macs": macs,
         "seconds": sum(shard[2] for shard in shards), "num_images": int(len(images)),
     }
