@@ -15,7 +15,9 @@ whole-call MACs ratio adds the text encoder(s) and the VAE decode, which the wal
 default backend): the denoiser compiled whole after `postdiff.apply`, or its repeated blocks (diffusers'
 `compile_repeated_blocks`); its first call, which compiles a graph per kind of step, is reported apart
 ("first call s", compiled cold: inductor's caches in a fresh folder per process), the timed calls reuse
-the graphs.
+the graphs. `--quantize int8-weight` (or int8-dynamic; repeatable) adds a twin of every configuration, plain
+diffusers included, on the denoiser quantized by torchao before anything else is applied
+(postdiff/quantization.py); every row gives the denoiser's weight bytes.
 Workloads: the embedded model (32 px, 8 images), and an SD 1.5-size U-Net with random weights (real SD
 text encoder and VAE configs, random weights) at 512 px and 256 px; 20 steps with CFG.
 """
@@ -46,6 +48,7 @@ CONFIGS = {
 WORKLOADS = ("testbed", "sd15-512", "sd15-256", "testbed-flow")
 EXTERNAL = "external:"  # config names "external:SPEC" run an external method (postdiff/evaluation/baselines.py)
 COMPILED = {"+compile": "full", "+compile-regional": "regional"}  # config name suffixes: its compiled twin
+QUANTIZED = ("+int8-weight", "+int8-dynamic")  # config name suffixes: the twin on a quantized denoiser
 
 
 def build_pipeline(workload: str, device: str):
@@ -105,10 +108,15 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
     from postdiff.evaluation.baselines import measured_denoiser_macs
     from postdiff.models import spec_from_pipeline
 
+    from postdiff.quantization import denoiser_name, quantize_denoiser, weight_bytes
+
     pipe, arguments = build_pipeline(workload, device)
     family = postdiff.api.preset_family(pipe)
     spec = spec_from_pipeline(pipe)
     config_name, compiled = _compiled_suffix(config_name)
+    config_name, quantization = _quantized_suffix(config_name)
+    if quantization:  # before PostDiff or an external method is applied, as a loader would have done it
+        quantize_denoiser(pipe, quantization)
     config = _config(config_name, family)
     with postdiff.api.applied(pipe, config or postdiff.PostDiffConfig()):
         plan = postdiff.plan_call(pipe, **arguments)
@@ -122,9 +130,12 @@ def worker(workload: str, config_name: str, repeats: int, device: str) -> dict:
             compile_denoiser(pipe, compiled)
         row = _timed(workload, config_name, config, pipe, arguments, repeats, device, before_call,
                      macs, call_macs(spec, plan, macs, arguments))
+        row["weight_bytes"] = weight_bytes(getattr(pipe, denoiser_name(pipe)))
+        if quantization:
+            row.update(config=f"{config_name}+{quantization}", describe=f"{row['describe']}, {quantization}")
         if compiled:
             difference = abs(_images(pipe, arguments, before_call) - eager_images).max()
-            row.update(config=config_name + next(k for k, v in COMPILED.items() if v == compiled),
+            row.update(config=row["config"] + next(k for k, v in COMPILED.items() if v == compiled),
                        describe=f"{row['describe']}, torch.compile ({compiled})", max_abs_diff_vs_eager=float(difference))
         return row
 
@@ -142,6 +153,13 @@ def _compiled_suffix(config_name: str) -> tuple[str, str | None]:
         if config_name.endswith(suffix):
             return config_name[: -len(suffix)], how
     return config_name, None
+
+
+def _quantized_suffix(config_name: str) -> tuple[str, str]:
+    for suffix in QUANTIZED:
+        if config_name.endswith(suffix):
+            return config_name[: -len(suffix)], suffix[1:]
+    return config_name, ""
 
 
 def compile_denoiser(pipe, how: str) -> None:
@@ -272,7 +290,8 @@ def merge_rounds(runs: list[dict]) -> dict:
 def markdown(rows: list[dict], device: str) -> str:
     lines = [f"device: {device}", "", "| workload | config | median s | fastest s | first call s | speedup (median) | "
              "speedup (fastest) | MACs ratio, denoiser | MACs ratio, whole call | speedup / whole-call ratio | "
-             "peak memory vs diffusers | max abs difference to eager |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory vs diffusers | denoiser weights MB | max abs difference to eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next(r for r in rows if r["workload"] == row["workload"] and r["config"] == "diffusers")
         speedup = base["seconds"] / row["seconds"]
@@ -280,10 +299,11 @@ def markdown(rows: list[dict], device: str) -> str:
         call_ratio = base["call_macs"] / row["call_macs"]
         first = f"{row['first_seconds']:.2f}" if "first_seconds" in row else "-"
         difference = f"{row['max_abs_diff_vs_eager']:.1e}" if "max_abs_diff_vs_eager" in row else "-"
+        weights = f"{row['weight_bytes'] / 2**20:.2f}" if "weight_bytes" in row else "-"
         lines.append(f"| {row['workload']} | {row['config']} ({row['describe']}) | {row['seconds']:.2f} | "
                      f"{min(row['all_seconds']):.2f} | {first} | {speedup:.2f}x | {fastest:.2f}x | "
                      f"{base['macs'] / row['macs']:.2f}x | {call_ratio:.2f}x | {speedup / call_ratio:.2f} | "
-                     f"{row['peak_bytes'] / base['peak_bytes'] - 1:+.1%} | {difference} |")
+                     f"{row['peak_bytes'] / base['peak_bytes'] - 1:+.1%} | {weights} | {difference} |")
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +326,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const="full", choices=sorted(set(COMPILED.values())),
                         help="add a compiled twin of every configuration: the denoiser whole (full, the default) or "
                         "its repeated blocks (regional)")
+    parser.add_argument("--quantize", action="append", default=[], choices=[s[1:] for s in QUANTIZED],
+                        help="repeatable: add a twin of every configuration on the denoiser quantized so (torchao)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
@@ -321,6 +343,7 @@ def main() -> None:
         return
     configs = args.config or default_configs(args.workload or ["testbed"])
     configs += [EXTERNAL + ExternalMethod.parse(spec).spec for spec in args.external]  # refused here if malformed
+    configs += [f"{name}+{quantization}" for quantization in args.quantize for name in dict.fromkeys(["diffusers", *configs])]
     if args.compile:
         suffix = next(k for k, v in COMPILED.items() if v == args.compile)
         configs = [variant for name in configs for variant in (name, name + suffix)]

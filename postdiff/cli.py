@@ -435,12 +435,14 @@ def report(
     store: Path = typer.Option(Path("runs/sweep.jsonl")),
     out: Path = typer.Option(Path("report")),
     per_class: Optional[int] = typer.Option(None, help="only rows with this many images per class"),
-    trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5)"),
+    trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5); "
+                                      "without, the trajectory.json already in --out is shown, if any"),
     samples: bool = typer.Option(True, help="also draw sample grids of the baseline and the best rows under 40% and 65% of its MACs"),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(3.0),
     model: Optional[str] = typer.Option(None, help="only the rows of this model (as sweeps name it: testbed, "
                                         "testbed-flow, a folder); default: every row"),
+    noise: Optional[Path] = typer.Option(None, help="a store of the baseline on other seeds, named in the report as its noise"),
 ):
     """Pareto figures, trajectories, cross-attention ablation, sample grids and a Markdown summary from a sweep store."""
     from .evaluation.study import chosen_rows, point_of, sample_grid, trajectory, write_report
@@ -467,6 +469,8 @@ def report(
         evaluator = load_evaluator()
         curves = {f"switch {s}": trajectory(pipe, evaluator, PostDiffConfig(beta=0.5, switch=s) if s else PostDiffConfig(),
                                             steps, 10, guidance_scale) for s in (0, 0.25, 0.5)}
+    elif (out / "trajectory.json").exists():  # they depend on the model only, not on the store's rows
+        curves = json.loads((out / "trajectory.json").read_text())
     if samples:
         grids, drawn = {}, {}
         for title, row in chosen_rows(rows).items():
@@ -474,7 +478,8 @@ def report(
                 drawn[row["key"]] = f"samples_{len(drawn)}.png"
                 sample_grid(pipe, point_of(row), guidance_scale, 8, out / drawn[row["key"]])
             grids[title] = (row, drawn[row["key"]])
-    console.print(f"wrote {write_report(rows, out, curves, grids)}")
+    noise_rows = SweepStore(noise).rows() if noise is not None else None
+    console.print(f"wrote {write_report(rows, out, curves, grids, noise_rows)}")
 
 
 if __name__ == "__main__":

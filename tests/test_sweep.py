@@ -70,6 +70,37 @@ def test_cache_mode_table_puts_the_modes_of_one_cfg_stop_side_by_side_with_the_c
     assert table[2:] == ["| 20 steps, off | 10 | 2.00 / 0.900 |  |  | 3.00 / 0.900 | 2.00 | 1.00 / 0.900 (1.00 GMACs) |"]
 
 
+def _study_row(fd, steps=20, external="", quantize="", macs=None, **config):
+    config = PostDiffConfig(**config)
+    point = SweepPoint(config, steps, external, quantize)
+    row = {"config": config.to_dict(), "steps": steps, "external": external, "describe": point.describe(), "fd": fd,
+           "alignment": 0.9, "macs": macs if macs is not None else 1e9 * steps, "context": SweepContext().__dict__}
+    return {**row, "quantize": quantize, "weight_bytes": 2**20} if quantize else row
+
+
+def test_equal_macs_table_gives_each_method_its_best_fd_within_each_budget_and_names_the_winner():
+    from postdiff.evaluation.study import equal_macs_table, method_of
+
+    rows = [_study_row(9.0), _study_row(12.0, steps=10), _study_row(10.0, steps=20, macs=9e9, cache_interval=2),
+            _study_row(11.0, steps=10, external="cache-dit:Fn=1,rdt=0.2", macs=5e9),
+            _study_row(1.0, steps=20, quantize="int8-weight")]  # quantized: its own table, never a winner here
+    assert [method_of(r) for r in rows] == ["fewer steps", "fewer steps", "PostDiff", "cache-dit", "fewer steps + int8-weight"]
+    table = equal_macs_table(rows, fractions=(0.2, 0.5, 1.0)).splitlines()
+    assert table[0] == "| MACs at most | fewer steps | PostDiff | cache-dit | best |"
+    assert table[2] == "| 20% (4.00 GMACs) |  |  |  |  |"
+    assert table[3] == "| 50% (10.00 GMACs) | 12.00 (10 steps, off) | 10.00 (20 steps, cache_interval=2) | 11.00 (10 steps, cache-dit:Fn=1,rdt=0.2) | PostDiff |"
+    assert table[4].endswith("| 9.00 (20 steps, off) | 10.00 (20 steps, cache_interval=2) | 11.00 (10 steps, cache-dit:Fn=1,rdt=0.2) | fewer steps |")
+
+
+def test_quantization_table_puts_each_quantized_row_beside_its_float_twin():
+    from postdiff.evaluation.study import quantization_table
+
+    rows = [_study_row(9.0), _study_row(9.5, quantize="int8-dynamic"), _study_row(8.0, steps=10, quantize="int8-weight")]
+    table = quantization_table(rows).splitlines()
+    assert table[2] == "| 10 steps, off | int8-weight | 8.00 | 0.900 | 10.00 | 1.00 |  |  | - |"
+    assert table[3] == "| 20 steps, off | int8-dynamic | 9.50 | 0.900 | 20.00 | 1.00 | 9.00 | 0.900 | - |"
+
+
 def test_grid_gives_deepcache_configs_the_branch_axis_and_leaves_the_others_at_the_default():
     points = grid([8], cache_intervals=[1, 2], cache_branches=[0, 2])
     assert [p.config for p in points] == [PostDiffConfig(), PostDiffConfig(cache_interval=2, cache_branch=0),

@@ -72,6 +72,50 @@ def is_fewer_steps_only(row: dict) -> bool:
     return not point.external and not point.quantize and point.config.is_off
 
 
+def method_of(row: dict) -> str:
+    """Which side of the comparison a row is on: "fewer steps" (the float pipeline as it is), "PostDiff", an
+    external tool by its name (the spec before ":"), each followed by its quantization where it has one."""
+    if row.get("external"):
+        name = row["external"].split(":")[0]
+    else:
+        name = "fewer steps" if point_of(row).config.is_off else "PostDiff"
+    return f"{name} + {row['quantize']}" if row.get("quantize") else name
+
+
+def equal_macs_table(rows: list[dict], fractions=(0.2, 0.3, 0.4, 0.55, 0.7, 1.0)) -> str:
+    """At each share of the costliest fewer-steps row's MACs, the best FD of every method within it (any step
+    count, any of its settings), and the winner; a method with no row that cheap is blank. Quantized rows are left
+    to their own table: they run the MACs of their float twins."""
+    rows = [r for r in rows if not r.get("quantize")]
+    base = max((r for r in rows if method_of(r) == "fewer steps"), key=lambda r: r["macs"])
+    methods = sorted({method_of(r) for r in rows}, key=lambda m: (m != "fewer steps", m != "PostDiff", m))
+    lines = [f"| MACs at most | {' | '.join(methods)} | best |", "|---|" + "---|" * (len(methods) + 1)]
+    for fraction in fractions:
+        budget = fraction * base["macs"] * (1 + 1e-9)
+        best = {m: min((r for r in rows if method_of(r) == m and r["macs"] <= budget), key=lambda r: r["fd"], default=None)
+                for m in methods}
+        cells = [f"{row['fd']:.2f} ({row['describe']})" if row else "" for row in best.values()]
+        winner = min((m for m in methods if best[m]), key=lambda m: best[m]["fd"], default="")
+        lines.append(f"| {fraction:.0%} ({budget / 1e9:.2f} GMACs) | {' | '.join(cells)} | {winner} |")
+    return "\n".join(lines)
+
+
+def quantization_table(rows: list[dict]) -> str:
+    """Every quantized row beside the float row of the same point (same steps and method): FD, alignment, MACs
+    (the same: int8 changes what a MAC costs, not how many run) and the denoiser's weight bytes."""
+    floating = {(r["steps"], r.get("external", ""), json.dumps(r["config"], sort_keys=True)): r for r in rows if not r.get("quantize")}
+    lines = ["| point | quantization | FD | alignment | GMACs | denoiser weights MB | float FD | float alignment | float weights MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted((r for r in rows if r.get("quantize")), key=lambda r: (r["describe"], r["quantize"])):
+        twin = floating.get((row["steps"], row.get("external", ""), json.dumps(row["config"], sort_keys=True)))
+        name = row["describe"][: -len(row["quantize"]) - 2]
+        float_cells = f"{twin['fd']:.2f} | {twin['alignment']:.3f}" if twin else " | "
+        float_cells += f" | {twin['weight_bytes'] / 2**20:.2f}" if twin and "weight_bytes" in twin else " | -"  # older rows lack it
+        lines.append(f"| {name} | {row['quantize']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | "
+                     f"{row['weight_bytes'] / 2**20:.2f} | {float_cells} |")
+    return "\n".join(lines)
+
+
 def pareto_figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -84,7 +128,10 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
         cheaper = pareto_front([r for r in rows if not is_fewer_steps_only(r)], metric, lower)
         ax.scatter([r["macs"] / 1e9 for r in rows], [r[metric] for r in rows], s=10, color="0.75", label="all configurations")
         ax.plot([r["macs"] / 1e9 for r in fewer], [r[metric] for r in fewer], "o-", label="fewer steps (baseline)")
-        ax.plot([r["macs"] / 1e9 for r in cheaper], [r[metric] for r in cheaper], "s-", label="cheaper steps (PostDiff front)")
+        ax.plot([r["macs"] / 1e9 for r in cheaper], [r[metric] for r in cheaper], "s-", label="cheaper steps (front of all)")
+        for tool in sorted({method_of(r) for r in rows} - {"fewer steps", "PostDiff"}):
+            front = pareto_front([r for r in rows if method_of(r) == tool], metric, lower)
+            ax.plot([r["macs"] / 1e9 for r in front], [r[metric] for r in front], "x--", lw=0.8, label=f"{tool} (its front)")
         ax.set_xlabel("denoiser GMACs per image")
         ax.set_ylabel("FD (lower is better)" if lower else "prompt alignment (higher is better)")
         ax.legend(fontsize=8)
@@ -200,9 +247,35 @@ def point_of(row: dict) -> SweepPoint:
     return SweepPoint(config, row["steps"], row.get("external", ""), row.get("quantize", ""))
 
 
+EVALUATORS = {
+    "fashion-mnist-classes": "the shipped Fashion-MNIST evaluator (postdiff/testbed/evaluator.py): FD on its classifier's "
+                             "features against the test split, alignment = its accuracy on the prompted class",
+    "moving-fashion-mnist": "the shipped clip evaluator (postdiff/testbed/video_evaluator.py): frame FD, class and motion accuracy",
+}
+
+
+def context_lines(rows: list[dict], noise_rows: list[dict] | None = None) -> list[str]:
+    """What every score depends on, named: evaluator, prompts, images per prompt, seeds, guidance; and the noise
+    (the costliest baseline scored on other seeds), so a difference can be read against it."""
+    contexts = {json.dumps({k: v for k, v in r["context"].items() if k != "classes"}, sort_keys=True) for r in rows}
+    lines = []
+    for text in sorted(contexts):
+        context = json.loads(text)
+        prompts = max(len(r["context"]["classes"]) for r in rows)
+        lines.append(f"Scored by {EVALUATORS.get(context['prompt_set'], context['prompt_set'])}; {prompts} prompts x "
+                     f"{context['per_class']} images, seed {context['seed']} + prompt index, guidance {context['guidance_scale']}.")
+    base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
+    for noise in noise_rows or []:
+        if base and noise["describe"] == base["describe"]:
+            lines.append(f"Noise: {noise['describe']} on seed {noise['context']['seed']}: FD {noise['fd']:.2f}, alignment "
+                         f"{noise['alignment']:.3f} (seed {base['context']['seed']}: {base['fd']:.2f}, {base['alignment']:.3f}).")
+    return lines
+
+
 def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None,
-                 grids: dict[str, tuple[dict, str]] | None = None) -> Path:
-    """Figures and report.md; `grids` maps a title to (row, PNG file name) of sample grids already drawn in `out`."""
+                 grids: dict[str, tuple[dict, str]] | None = None, noise_rows: list[dict] | None = None) -> Path:
+    """Figures and report.md; `grids` maps a title to (row, PNG file name) of sample grids already drawn in `out`;
+    `noise_rows` the baseline scored on other seeds."""
     out.mkdir(parents=True, exist_ok=True)
     pareto_figure(rows, out / "pareto.png")
     if curves:
@@ -210,13 +283,17 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
         (out / "trajectory.json").write_text(json.dumps(curves, indent=1))
     base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
     models = ", ".join(sorted({row["context"]["model"] for row in rows}))
-    lines = [f"# PostDiff study on {models}", "", "![pareto](pareto.png)", ""]
+    lines = [f"# PostDiff study on {models}", "", *context_lines(rows, noise_rows), "", "![pareto](pareto.png)", ""]
     if curves:
         lines += ["![trajectory](trajectory.png)", ""]
     lines += ["| configuration | FD | alignment | GMACs | MACs vs baseline |", "|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: r["macs"]):
         share = f"{row['macs'] / base['macs']:.0%}" if base else ""
         lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
+    if base:
+        lines += ["", "## At equal MACs, who wins (best FD within the budget, any step count)", "", equal_macs_table(rows)]
+    if any(r.get("quantize") for r in rows):
+        lines += ["", "## Quantized denoisers (torchao int8, postdiff/quantization.py)", "", quantization_table(rows)]
     lines += ["", "## Cache modes after the CFG stop: cross-attention, or the text stream on MM-DiTs (FD / alignment)", "",
               ca_ablation_table(rows), ""]
     if grids:
