@@ -26,3 +26,7 @@ sweep --steps 20 --external tomesd:ratio=0.5 --external deepcache-package:interv
 
 "$POSTDIFF" calibrate --store "$STORE" --budget-fraction 0.4 --full-per-class "$PER_CLASS" | tee "$OUT/calibration.json"
 "$POSTDIFF" report --store "$STORE" --out "$OUT" --per-class "$PER_CLASS"
+# torchao int8 U-Nets, alone and with the paper preset, at 10 images a class (beside the float rows of that size)
+"$POSTDIFF" sweep --store "$STORE" --per-class 10 --steps 20 --beta 1 --switch 0 --cache-interval 1 --preset paper \
+    --quantize none,int8-weight,int8-dynamic
+"$POSTDIFF" report --store "$STORE" --out "$OUT/per-class-10" --per-class 10 --no-trajectories --no-samples

@@ -30,6 +30,9 @@ sweep --steps 10,14,20 --beta 0.75 --switch 0.5 --cache-interval 2 --low-res-shi
 sweep --steps 8,10,14 --cache-interval 2,3                                    # block caching with fewer steps
 sweep --steps $STEPS --external first-block-cache:threshold=0.2 --external taylorseer:interval=3 \
     --external magcache:threshold=0.06,max_skip=2                             # diffusers' caches, every step count
+sweep --steps 10,20 --external cache-dit:rdt=0.08,Fn=1,ws=4 --external cache-dit:rdt=0.2,Fn=1,ws=4  # cache-dit's DBCache
+                                                                              # (needs the external extra: pip install -e ".[external]")
+sweep --steps 20 --preset paper --quantize none,int8-weight,int8-dynamic      # torchao int8 denoisers, alone and with the preset
 sweep --steps 20 --seed 1 --store "$OUT/noise.jsonl"                          # the noise: the baseline on other seeds
 
 for budget in 0.4 0.25; do
@@ -39,4 +42,5 @@ done
 # the study's best family under 40%, block caching with fewer steps, added to the default candidates
 "$POSTDIFF" calibrate --model testbed-flow --store "$STORE" --budget-fraction 0.4 --calibration-per-class 5 \
     --full-per-class "$PER_CLASS" --grid "steps=6,8,10,12,14 cache_interval=2,3" | tee "$OUT/calibration_0.4_grid.json"
-"$POSTDIFF" report --model testbed-flow --store "$STORE" --out "$OUT" --per-class "$PER_CLASS" --no-trajectories
+"$POSTDIFF" report --model testbed-flow --store "$STORE" --out "$OUT" --per-class "$PER_CLASS" --no-trajectories \
+    --noise "$OUT/noise.jsonl"
