@@ -102,14 +102,15 @@ def quantized(pipe, name: str):
     if not name:
         yield
         return
+    config = torchao_config(name)
     attribute = denoiser_name(pipe)
     original = getattr(pipe, attribute)
-    copy_ = copy.deepcopy(original)
-    _check_quantizable(copy_, name)
+    _check_quantizable(original, name)
     from torchao.quantization import quantize_
 
-    quantize_(copy_, torchao_config(name))
-    setattr(pipe, attribute, copy_)
+    quantized_copy = copy.deepcopy(original)  # a second copy of the weights while the point runs
+    quantize_(quantized_copy, config)
+    setattr(pipe, attribute, quantized_copy)
     try:
         yield
     finally:
