@@ -129,7 +129,7 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
         ax.scatter([r["macs"] / 1e9 for r in rows], [r[metric] for r in rows], s=10, color="0.75", label="all configurations")
         ax.plot([r["macs"] / 1e9 for r in fewer], [r[metric] for r in fewer], "o-", label="fewer steps (baseline)")
         ax.plot([r["macs"] / 1e9 for r in cheaper], [r[metric] for r in cheaper], "s-", label="cheaper steps (front of all)")
-        for tool in sorted({method_of(r) for r in rows} - {"fewer steps", "PostDiff"}):
+        for tool in sorted({method_of(r) for r in rows if not r.get("quantize")} - {"fewer steps", "PostDiff"}):
             front = pareto_front([r for r in rows if method_of(r) == tool], metric, lower)
             ax.plot([r["macs"] / 1e9 for r in front], [r[metric] for r in front], "x--", lw=0.8, label=f"{tool} (its front)")
         ax.set_xlabel("denoiser GMACs per image")
