@@ -173,6 +173,8 @@ def _with_textual_inversion(pipe):
     return pipe, {"prompt": f"a photo of a {token}"}
 
 
+# Features that compute the same image another way: only rounding can tell them apart (on some CPUs not even that).
+SAME_MATH = {"fused-qkv", "attention-processor"}
 FEATURES = {"lora": _with_lora, "ip-adapter": _with_ip_adapter, "freeu": _with_freeu, "fused-qkv": _with_fused_qkv,
             "attention-processor": _with_classic_attention, "textual-inversion": _with_textual_inversion}
 
@@ -184,7 +186,10 @@ def test_a_diffusers_feature_works_under_postdiff(model_dir, feature, config):
     plain = call(pipe, **arguments)
     without_feature = call(sd_pipeline(model_dir), **{**arguments, "prompt": "a photo of a sneaker",
                                                       "ip_adapter_image_embeds": None, "cross_attention_kwargs": None})
-    assert not np.array_equal(plain, without_feature)  # the feature changes the image
+    if feature in SAME_MATH:
+        np.testing.assert_allclose(plain, without_feature, atol=1e-5)
+    else:
+        assert not np.array_equal(plain, without_feature)  # the feature changes the image
     postdiff.apply(pipe, PostDiffConfig())
     np.testing.assert_array_equal(call(pipe, **arguments), plain)
     postdiff.apply(pipe, config)

@@ -36,5 +36,6 @@ def test_reproduces_the_mirrors(references, pipelines, model_dir, case):
     assert latents.shape == expected.shape
     if metadata["cpu_capability"] == torch.backends.cpu.get_cpu_capability():
         assert torch.equal(latents, expected), f"max abs diff {(latents - expected).abs().max():.3g}"
-    else:  # float kernels of another instruction set may round differently
-        torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    else:  # float kernels of another instruction set round differently (AVX512 against the AVX2 recording: up to 2e-4
+        # over a PixArt run: far below what a technique itself changes; bit-exact where the recording CPU is)
+        torch.testing.assert_close(latents, expected, atol=1e-3, rtol=1e-3)
