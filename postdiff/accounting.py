@@ -46,10 +46,24 @@ def count_forward(model, inputs: dict) -> tuple[float, float]:
     return count_call(lambda: model(**inputs, return_dict=False))
 
 
+def _matmul_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# torch's counter has no formula for the int8 x int8 matmul torchao's dynamic quantization runs (postdiff/
+# quantization.py): it is a matmul of the same shapes as the float one it replaces, so it counts as one.
+INT8_MATMULS = {torch.ops.aten._int_mm: _matmul_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter as every count here uses it: silent, the int8 matmul counted."""
+    return FlopCounterMode(display=False, custom_mapping=INT8_MATMULS)
+
+
 def count_call(run, scope: str = "Global") -> tuple[float, float]:
     """(MACs without attention products, attention-product MACs) of `run()`; `scope` names the top-level module
     (its class name, as the counter records it) whose work alone is counted, or "Global" for everything."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         run()
     by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts().get(scope, {}).items()}

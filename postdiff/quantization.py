@@ -76,12 +76,18 @@ def _torchao_name(weight) -> str:
 
 def quantize_denoiser(pipe, name: str) -> None:
     """Quantize `pipe`'s denoiser in place with `name` (see the module docstring for what is refused)."""
+    _quantize(getattr(pipe, denoiser_name(pipe)), name, in_place=True)
+
+
+def _quantize(module: torch.nn.Module, name: str, in_place: bool) -> torch.nn.Module:
+    """`module` quantized with `name` (in place, or a quantized copy), after the checks, before any change."""
     config = torchao_config(name)
-    denoiser = getattr(pipe, denoiser_name(pipe))
-    _check_quantizable(denoiser, name)
+    _check_quantizable(module, name)
     from torchao.quantization import quantize_
 
-    quantize_(denoiser, config)
+    target = module if in_place else copy.deepcopy(module)  # a copy: a second set of weights while it is used
+    quantize_(target, config)
+    return target
 
 
 def _check_quantizable(denoiser: torch.nn.Module, name: str) -> None:
@@ -102,15 +108,9 @@ def quantized(pipe, name: str):
     if not name:
         yield
         return
-    config = torchao_config(name)
     attribute = denoiser_name(pipe)
     original = getattr(pipe, attribute)
-    _check_quantizable(original, name)
-    from torchao.quantization import quantize_
-
-    quantized_copy = copy.deepcopy(original)  # a second copy of the weights while the point runs
-    quantize_(quantized_copy, config)
-    setattr(pipe, attribute, quantized_copy)
+    setattr(pipe, attribute, _quantize(original, name, in_place=False))
     try:
         yield
     finally:

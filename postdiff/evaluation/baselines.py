@@ -51,8 +51,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..accounting import ATTENTION_PRODUCTS
+from ..accounting import ATTENTION_PRODUCTS, flop_counter
 from ..config import ConfigError
+from ..quantization import denoiser_name
 
 KNOWN_ARGUMENTS = {
     "tomesd": {"ratio": float},
@@ -410,8 +411,8 @@ def measured_denoiser_macs(pipe, **call_arguments) -> float:
     it files under the denoiser's module name: cache-dit's cached blocks hold the transformer as a submodule,
     which renames it in the counter's module tracker mid-call, and the tracker then files all that follows
     (the VAE's decode) under it. Without such a method the two are the same."""
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    counter = FlopCounterMode(display=False, custom_mapping=INT8_MATMULS)
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    counter = flop_counter()
     starts: list[int] = []
     inside: list[int] = []
 
@@ -429,15 +430,6 @@ def measured_denoiser_macs(pipe, **call_arguments) -> float:
         for handle in handles:
             handle.remove()
     return sum(inside) / 2
-
-
-# torch's counter has no formula for the int8 x int8 matmul torchao's dynamic quantization runs (postdiff/
-# quantization.py): it is a matmul of the same shapes as the float one it replaces, so it counts as one.
-def _matmul_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-INT8_MATMULS = {torch.ops.aten._int_mm: _matmul_flops}
 
 
 def _flops_without_attention(counter: FlopCounterMode) -> int:

@@ -87,7 +87,7 @@ def equal_macs_table(rows: list[dict], fractions=(0.2, 0.3, 0.4, 0.55, 0.7, 1.0)
     count, any of its settings), and the winner; a method with no row that cheap is blank. Quantized rows are left
     to their own table: they run the MACs of their float twins."""
     rows = [r for r in rows if not r.get("quantize")]
-    base = max((r for r in rows if method_of(r) == "fewer steps"), key=lambda r: r["macs"])
+    base = baseline_row(rows)
     methods = sorted({method_of(r) for r in rows}, key=lambda m: (m != "fewer steps", m != "PostDiff", m))
     lines = [f"| MACs at most | {' | '.join(methods)} | best |", "|---|" + "---|" * (len(methods) + 1)]
     for fraction in fractions:
@@ -114,6 +114,11 @@ def quantization_table(rows: list[dict]) -> str:
         lines.append(f"| {name} | {row['quantize']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | "
                      f"{row['weight_bytes'] / 2**20:.2f} | {float_cells} |")
     return "\n".join(lines)
+
+
+def baseline_row(rows: list[dict]) -> dict | None:
+    """The costliest fewer-steps row (the 20-step-style baseline every share of MACs is taken of); None if none."""
+    return max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
 
 
 def pareto_figure(rows: list[dict], path: Path) -> None:
@@ -258,13 +263,13 @@ def context_lines(rows: list[dict], noise_rows: list[dict] | None = None) -> lis
     """What every score depends on, named: evaluator, prompts, images per prompt, seeds, guidance; and the noise
     (the costliest baseline scored on other seeds), so a difference can be read against it."""
     contexts = {json.dumps({k: v for k, v in r["context"].items() if k != "classes"}, sort_keys=True) for r in rows}
+    prompts = max(len(r["context"]["classes"]) for r in rows)
     lines = []
     for text in sorted(contexts):
         context = json.loads(text)
-        prompts = max(len(r["context"]["classes"]) for r in rows)
         lines.append(f"Scored by {EVALUATORS.get(context['prompt_set'], context['prompt_set'])}; {prompts} prompts x "
                      f"{context['per_class']} images, seed {context['seed']} + prompt index, guidance {context['guidance_scale']}.")
-    base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
+    base = baseline_row(rows)
     for noise in noise_rows or []:
         if base and noise["describe"] == base["describe"]:
             lines.append(f"Noise: {noise['describe']} on seed {noise['context']['seed']}: FD {noise['fd']:.2f}, alignment "
@@ -281,7 +286,7 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     if curves:
         trajectory_figure(curves, out / "trajectory.png")
         (out / "trajectory.json").write_text(json.dumps(curves, indent=1))
-    base = max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
+    base = baseline_row(rows)
     models = ", ".join(sorted({row["context"]["model"] for row in rows}))
     lines = [f"# PostDiff study on {models}", "", *context_lines(rows, noise_rows), "", "![pareto](pareto.png)", ""]
     if curves:
