@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import PRESETS, ConfigError, PostDiffConfig, build_config, parse_progressive
+from .config import PRESETS, ConfigError, PostDiffConfig, build_config, parse_fraction, parse_progressive
 
 # transformers prints notices (e.g. "`CLIPImageProcessor` requires torchvision") on every command that would
 # drown its output; set before anything imports transformers, for the command line only (the library keeps
@@ -38,8 +38,9 @@ CONFIG_FLAGS = {
     "switch_noise": (Optional[str], typer.Option(None, help="re-noising at a switch: iid, or block (Pyramid Flow / RALU)")),
     "low_res_shift": (Optional[str], typer.Option(None, help="rectified flow: the low-resolution phase's sigma schedule, "
                                                   "full (the requested size's) or own (its own size's)")),
-    "temporal_beta": (Optional[float], typer.Option(None, help="video: the low-resolution phase's latent frames, "
-                                                    "F' - 1 = temporal_beta x (F - 1) (1 = the same frames)")),
+    "temporal_beta": (Optional[str], typer.Option(None, help="video: the low-resolution phase's latent frames, "
+                                                  "F' - 1 = temporal_beta x (F - 1), a number or a fraction such as "
+                                                  "3/7 (1 = the same frames; with beta 1, fewer frames at full size)")),
     "progressive": (Optional[str], typer.Option(None, help="intermediate stages after the beta phase, SCALE@FRACTION "
                                                 "joined by +, e.g. 0.75@0.25; none = two-stage")),
     "controlnet_cache": (Optional[str], typer.Option(None, help="a ControlNet on DeepCache's cached steps: reuse "
@@ -289,6 +290,7 @@ GRID_AXES = {
     "cfg_stop": ("cfg_stops", int), "ca_mode": ("ca_modes", str), "preset": ("presets", str),
     "switch_noise": ("switch_noises", str), "low_res_shift": ("low_res_shifts", str),
     "progressive": ("progressives", parse_progressive), "quantize": ("quantizations", quantization_value),
+    "temporal_beta": ("temporal_betas", parse_fraction),
 }
 
 
@@ -329,6 +331,8 @@ def sweep(
     cache_interval: str = typer.Option("1,2", help="comma list"),
     switch_noise: str = typer.Option("iid", help="comma list of switch noises (iid, block), for switches > 0"),
     low_res_shift: str = typer.Option("full", help="comma list of low-resolution schedules (full, own), for switches > 0"),
+    temporal_beta: str = typer.Option("1", help="video: comma list of the low phase's frame scales (numbers or fractions "
+                                      "such as 3/7), for switches > 0 (with beta 1: fewer frames at full size)"),
     cache_branch: str = typer.Option("1", help="comma list of DeepCache branches, for cache intervals > 1 "
                                      "(1: the paper's DeepCache FLOPs, what the published study measured)"),
     cfg_stop: str = typer.Option("none", help="comma list; none = CFG kept"),
@@ -358,7 +362,7 @@ def sweep(
 
     axes = dict(steps=steps, beta=beta, switch=switch, cache_interval=cache_interval, cache_branch=cache_branch,
                 cfg_stop=cfg_stop, ca_mode=ca_mode, preset=preset, switch_noise=switch_noise,
-                low_res_shift=low_res_shift, progressive=progressive, quantize=quantize)
+                low_res_shift=low_res_shift, progressive=progressive, quantize=quantize, temporal_beta=temporal_beta)
 
     def points_for(family: str):
         return grid(**_grid_arguments(axes), family=family, externals=external)
@@ -435,9 +439,10 @@ def report(
     store: Path = typer.Option(Path("runs/sweep.jsonl")),
     out: Path = typer.Option(Path("report")),
     per_class: Optional[int] = typer.Option(None, help="only rows with this many images per class"),
-    trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5); "
-                                      "without, the trajectory.json already in --out is shown, if any"),
-    samples: bool = typer.Option(True, help="also draw sample grids of the baseline and the best rows under 40% and 65% of its MACs"),
+    trajectories: bool = typer.Option(True, help="also compute per-step x0 trajectories (switch 0, 0.25, 0.5; image "
+                                      "models); without, the trajectory.json already in --out is shown, if any"),
+    samples: bool = typer.Option(True, help="also draw sample grids of the baseline and the best rows under 40% and 65% "
+                                 "of its MACs (the video model: frame strips and GIFs)"),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(3.0),
     model: Optional[str] = typer.Option(None, help="only the rows of this model (as sweeps name it: testbed, "
@@ -445,9 +450,9 @@ def report(
     noise: Optional[Path] = typer.Option(None, help="a store of the baseline on other seeds, named in the report as its noise"),
 ):
     """Pareto figures, trajectories, cross-attention ablation, sample grids and a Markdown summary from a sweep store."""
-    from .evaluation.study import chosen_rows, point_of, sample_grid, trajectory, write_report
+    from .evaluation.study import chosen_rows, clip_strips, point_of, sample_grid, trajectory, write_report
     from .evaluation.sweep import SweepStore
-    from .loading import is_testbed, load_pipeline
+    from .loading import embedded_name, is_testbed, load_pipeline
 
     rows = [r for r in SweepStore(store).rows() if (per_class is None or r["context"]["per_class"] == per_class)
             and (model is None or r["context"]["model"] == model)]
@@ -459,6 +464,10 @@ def report(
     if (trajectories or samples) and (len(models) > 1 or not is_testbed(next(iter(models)))):
         console.print("trajectories and sample grids are drawn for one embedded model's rows (see --model): skipped")
         trajectories = samples = False
+    video = embedded_name(next(iter(models))) == "testbed-video"
+    if trajectories and video:
+        console.print("trajectories are drawn for the image models (their per-step x0 on the class evaluator): skipped")
+        trajectories = False
     if trajectories or samples:
         from .testbed.evaluator import load_evaluator
 
@@ -476,7 +485,10 @@ def report(
         for title, row in chosen_rows(rows).items():
             if row["key"] not in drawn:  # one row can be the best under several budgets
                 drawn[row["key"]] = f"samples_{len(drawn)}.png"
-                sample_grid(pipe, point_of(row), guidance_scale, 8, out / drawn[row["key"]])
+                if video:
+                    clip_strips(pipe, point_of(row), guidance_scale, out / drawn[row["key"]])
+                else:
+                    sample_grid(pipe, point_of(row), guidance_scale, 8, out / drawn[row["key"]])
             grids[title] = (row, drawn[row["key"]])
     noise_rows = SweepStore(noise).rows() if noise is not None else None
     console.print(f"wrote {write_report(rows, out, curves, grids, noise_rows)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from fractions import Fraction
 
 CA_MODES = ("cond", "ave", "cfg", "none")
 SWITCH_NOISES = ("iid", "block")
@@ -68,7 +69,8 @@ class PostDiffConfig:
         temporal_beta * (F - 1) of the call's F (a whole number: the low segment's `num_frames` is then one the
         pipeline takes, (num_frames - 1) divisible by its VAE's temporal factor); at the switch to full resolution
         the x0 is resampled linearly in time as well as in space (1 = the same frames; needs switch > 0; refused
-        before any compute for image pipelines).
+        before any compute for image pipelines). With beta 1 the low phase is lower in time only: full-size frames,
+        fewer of them (temporal mixed resolution).
     """
 
     beta: float = 1.0
@@ -102,8 +104,9 @@ class PostDiffConfig:
                self.temporal_beta, "a number in (0, 1]")
         _check(self.temporal_beta == 1 or self.switch > 0, "temporal_beta", self.temporal_beta,
                "1 unless switch > 0 (it shortens the low-resolution phase's clip)")
-        if self.switch > 0 and self.beta == 1:
-            raise ConfigError("switch > 0 runs a low-resolution phase, so beta must be below 1 (got beta=1)")
+        if self.switch > 0 and self.beta == 1 and self.temporal_beta == 1:
+            raise ConfigError("switch > 0 runs a lower-resolution phase, so beta (or, on video, temporal_beta) must be "
+                              "below 1 (got beta=1)")
 
     def _check_progressive(self) -> None:
         object.__setattr__(self, "progressive", tuple(tuple(stage) for stage in self.progressive))
@@ -168,8 +171,18 @@ class PostDiffConfig:
     def describe(self) -> str:
         """Only the settings that differ from "off", e.g. "beta=0.5 switch=0.5 cache_interval=2"."""
         default = PostDiffConfig()
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+        parts = [f"{f.name}={_shown(f.name, getattr(self, f.name))}" for f in fields(self)
+                 if getattr(self, f.name) != getattr(default, f.name)]
         return " ".join(parts) or "off"
+
+
+def _shown(name: str, value) -> str:
+    """A setting as `describe` writes it: temporal_beta as the fraction of frames it is (3/7, not 0.42857142857142855)."""
+    if name == "temporal_beta":
+        fraction = Fraction(value).limit_denominator(64)
+        if abs(float(fraction) - value) < 1e-12:
+            return str(fraction)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -211,10 +224,24 @@ def parse_progressive(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(stages)
 
 
+def parse_fraction(text: str) -> float:
+    """"0.5" or "3/7" -> a float: a temporal_beta is a whole number of frames over F - 1 (3/7 of an 8-frame clip's
+    7 is 3, a 4-frame clip), which a decimal can only approximate."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{text!r} is not a number or a fraction such as 3/7") from None
+
+
 def build_config(family: str, preset: str | None = None, **flags) -> PostDiffConfig:
-    """A preset ("off" when None) with the flags that are not None applied over it; `progressive` may be
-    given as text (see `parse_progressive`), as on the command line."""
+    """A preset ("off" when None) with the flags that are not None applied over it; `progressive` and
+    `temporal_beta` may be given as text (see `parse_progressive`, `parse_fraction`), as on the command line."""
     base = PostDiffConfig.preset(preset or "off", family=family)
     if isinstance(flags.get("progressive"), str):
         flags["progressive"] = parse_progressive(flags["progressive"])
+    if isinstance(flags.get("temporal_beta"), str):
+        try:
+            flags["temporal_beta"] = parse_fraction(flags["temporal_beta"])
+        except ValueError as error:
+            raise ConfigError(f"temporal_beta: {error}") from None
     return base.with_changes(**{name: value for name, value in flags.items() if value is not None})

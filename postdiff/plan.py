@@ -145,7 +145,7 @@ def _phases(config: PostDiffConfig, num_timesteps: int, facts: ModelFacts) -> tu
         # A restarted multistep scheduler may redo its warm-up (PNDM repeats its second timestep).
         repeats = facts.restart_repeats if index > 0 and end - start >= 2 else 0
         num_steps = end - start + repeats
-        frames = facts.latent_frames if scale == 1.0 else low_frames(config, facts)
+        frames = facts.latent_frames if index == len(scales) - 1 else low_frames(config, facts)  # beta 1: time only
         phases.append(Phase(scale, latent_size(scale, facts), start, end, first_step, num_steps, frames))
         first_step += num_steps
     return tuple(phases)

@@ -136,6 +136,7 @@ TECHNIQUES = {
     "cfg-stop-ave": PostDiffConfig(cfg_stop=5, ca_mode="ave"),
     "cfg-stop-cfg": PostDiffConfig(cfg_stop=5, ca_mode="cfg"),
     "temporal": PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5),
+    "temporal-only": PostDiffConfig(switch=0.5, temporal_beta=0.5),
     "all": PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5, cache_interval=2, cfg_stop=5, ca_mode="ave"),
 }
 
@@ -201,20 +202,22 @@ def test_mixed_resolution_runs_low_resolution_clips_first_with_global_callbacks_
     assert video.shape == (1, 9, 64, 64, 3)  # 9 frames, as requested
 
 
-def test_temporal_beta_runs_a_shorter_clip_and_the_switch_resizes_its_x0_in_time_and_space():
-    """temporal_beta 1/2 on 3 latent frames (9 frames): the low phase runs 2 latent frames (5 frames); the first
-    full-size step starts from its last x0, resized linearly in time (ends in place) and bilinearly in space,
-    re-noised at the full schedule's next sigma with the call's generator."""
-    pipe = postdiff.apply(wan_pipeline(), PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5))
+@pytest.mark.parametrize("beta, low_hw", [(0.5, (4, 4)), (1.0, (8, 8))])
+def test_temporal_beta_runs_a_shorter_clip_and_the_switch_resizes_its_x0_in_time_and_space(beta, low_hw):
+    """temporal_beta 1/2 on 3 latent frames (9 frames): the low phase runs 2 latent frames (5 frames), at half size
+    or (beta 1: mixed resolution in time only) at full size; the first full-size step starts from its last x0,
+    resized linearly in time (ends in place) and bilinearly in space, re-noised at the full schedule's next sigma
+    with the call's generator."""
+    pipe = postdiff.apply(wan_pipeline(), PostDiffConfig(beta=beta, switch=0.5, temporal_beta=0.5))
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].clone()), with_kwargs=True)
     generator = torch.Generator().manual_seed(3)
     video, traced = postdiff.trace_x0(pipe, **{**arguments("wan21"), "generator": generator, "output_type": "np"})
     handle.remove()
-    assert [tuple(s.shape) for s in seen[::2]] == [(1, 4, 2, 4, 4)] * 4 + [(1, 4, 3, 8, 8)] * 4
+    assert [tuple(s.shape) for s in seen[::2]] == [(1, 4, 2, *low_hw)] * 4 + [(1, 4, 3, 8, 8)] * 4
     assert video.frames.shape == (1, 9, 64, 64, 3)
     replay = torch.Generator().manual_seed(3)
-    randn_tensor((1, 4, 2, 4, 4), generator=replay)  # the low-resolution clip's initial noise
+    randn_tensor((1, 4, 2, *low_hw), generator=replay)  # the low-resolution clip's initial noise
     low = traced[3]
     middle = (low[:, :, :1] + low[:, :, 1:]) / 2  # frame 1 of 3 from 2 frames, ends aligned: halfway
     in_time = torch.cat([low[:, :, :1], middle, low[:, :, 1:]], dim=2)
@@ -327,6 +330,9 @@ def test_temporal_beta_is_validated_and_refused_for_image_pipelines_and_new_keys
         PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=1.5)
     with pytest.raises(ConfigError, match="temporal_beta=0.5 is not allowed: expected 1 unless switch > 0"):
         PostDiffConfig(temporal_beta=0.5)
+    with pytest.raises(ConfigError, match="so beta \\(or, on video, temporal_beta\\) must be below 1 \\(got beta=1\\)"):
+        PostDiffConfig(switch=0.5)
+    assert PostDiffConfig(switch=0.5, temporal_beta=3 / 7).describe() == "switch=0.5 temporal_beta=3/7"
     assert "temporal_beta" not in PostDiffConfig(beta=0.5, switch=0.5).to_dict()
     assert PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5).to_dict()["temporal_beta"] == 0.5
     image_pipe = sd_pipeline(model_dir)
@@ -334,6 +340,18 @@ def test_temporal_beta_is_validated_and_refused_for_image_pipelines_and_new_keys
         postdiff.apply(image_pipe, PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5))
     with pytest.raises(ConfigError, match="temporal_beta=0.5 is for video pipelines"):
         load_model_spec("sd15-512").plan(PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5), 20)
+    with pytest.raises(ConfigError, match="temporal_beta=0.5 is for video pipelines: this U-Net denoises images"):
+        postdiff.apply(image_pipe, PostDiffConfig(switch=0.5, temporal_beta=0.5))  # in time only: nothing left to do
+
+
+def test_temporal_beta_is_read_as_a_fraction_on_the_command_line():
+    result = CliRunner().invoke(app, ["plan", "--model", "wan21-t2v-1.3b-480p", "--steps", "4", "--switch", "0.5",
+                                      "--temporal-beta", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert "config: switch=0.5 temporal_beta=1/2" in result.output
+    assert "11x60x104" in result.output and "21x60x104" in result.output  # 41 frames at full size, then 81
+    result = CliRunner().invoke(app, ["plan", "--model", "wan21-t2v-1.3b-480p", "--switch", "0.5", "--temporal-beta", "a/2"])
+    assert result.exit_code == 2 and "temporal_beta: 'a/2' is not a number or a fraction such as 3/7" in result.output
 
 
 class PerCallFlops:
@@ -419,14 +437,17 @@ def test_temporal_beta_saves_the_low_phases_frames_on_the_shipped_wan():
     spec = load_model_spec("wan21-t2v-1.3b-480p")
     costs = {}
     for label, config in {"off": PostDiffConfig(), "spatial": PostDiffConfig(beta=0.5, switch=0.5),
-                          "temporal": PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5)}.items():
+                          "temporal": PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=0.5),
+                          "temporal-only": PostDiffConfig(switch=0.5, temporal_beta=0.5)}.items():
         plan = spec.plan(config, 20)
         costs[label] = total(plan_costs(spec.denoiser, plan), "macs")
-        if label == "temporal":
+        if label.startswith("temporal"):
             assert [phase.latent_frames for phase in plan.phases] == [11, 21]  # 41 frames, then 81
     low_spatial = costs["spatial"] - costs["off"] / 2  # the 10 low-resolution steps
     low_temporal = costs["temporal"] - costs["off"] / 2
     assert low_temporal / low_spatial == pytest.approx(11 / 21, rel=0.02)
+    low_in_time_only = costs["temporal-only"] - costs["off"] / 2
+    assert low_in_time_only / (costs["off"] / 2) == pytest.approx(11 / 21, rel=0.03)  # the text's K/V stay per step
 
 
 def test_resampling_a_video_cross_attention_record_is_the_frame_grid_resized_and_images_are_unchanged():

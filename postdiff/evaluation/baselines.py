@@ -45,10 +45,11 @@ import functools
 import importlib.util
 import io
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..accounting import ATTENTION_PRODUCTS, flop_counter
@@ -107,6 +108,8 @@ class ExternalMethod:
         arguments = dict(self.arguments)
         if self.name == "magcache":  # the ratios travel with the arguments, so every cache keeps one factory
             arguments["ratios"] = mag_ratios(pipe.transformer, num_inference_steps, calibration_call)
+        if self.name == "taylorseer":
+            arguments["identifiers"] = taylorseer_identifiers(pipe.transformer)
         if self.name == "cache-dit":
             with cache_dit_cache(pipe, arguments, self.spec):
                 yield lambda seed: None  # cache-dit resets its own state at the start of every pipeline call
@@ -145,7 +148,24 @@ def _taylorseer(arguments: dict, steps: int):
     from diffusers.hooks import TaylorSeerCacheConfig
 
     return TaylorSeerCacheConfig(cache_interval=arguments["interval"], max_order=int(arguments.get("order", 1)),
-                                 disable_cache_before_step=int(arguments.get("warmup", 3)), taylor_factors_dtype=torch.float32)
+                                 disable_cache_before_step=int(arguments.get("warmup", 3)), taylor_factors_dtype=torch.float32,
+                                 cache_identifiers=arguments.get("identifiers"))
+
+
+# Wan names its attentions attn1 / attn2, which diffusers' default TaylorSeer patterns ("^blocks.*attn", matched
+# whole) miss: with them TaylorSeer hooks nothing on Wan and skips nothing. Its attentions are what it predicts.
+WAN_ATTENTION_IDENTIFIERS = [r"^blocks\.\d+\.attn[12]$"]
+
+
+def taylorseer_identifiers(transformer) -> list[str] | None:
+    """The modules TaylorSeer predicts: diffusers' default (None) where it matches some, else Wan's attentions."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+    names = [name for name, _ in transformer.named_modules()]
+    if any(re.fullmatch(pattern, name) for pattern in _TRANSFORMER_BLOCK_IDENTIFIERS for name in names):
+        return None
+    return WAN_ATTENTION_IDENTIFIERS if isinstance(transformer, WanTransformer3DModel) else None
 
 
 def _magcache(arguments: dict, steps: int):
@@ -329,21 +349,25 @@ def cache_dit_cache(pipe, arguments: dict, spec: str = "cache-dit"):
 
 def cache_dit_adapter(pipe):
     """cache-dit's `BlockAdapter` for `pipe`: the one it registers for the pipeline's class, else (a pipeline of
-    ours around SD3's transformer: the embedded flow model) the layout of the one it registers for SD3."""
+    ours around SD3's or Wan's transformer: the embedded flow and video models) the layout of the one it registers
+    for that transformer's pipeline (Wan: blocks that return the image stream only, CFG as a separate pass)."""
     import cache_dit
-    from diffusers import SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel, WanTransformer3DModel
 
     adapter = cache_dit.get_adapter(pipe)
     if adapter is not None:
         return adapter
     transformer = getattr(pipe, "transformer", None)
-    if isinstance(transformer, SD3Transformer2DModel):
-        return cache_dit.BlockAdapter(pipe=pipe, transformer=transformer, blocks=transformer.transformer_blocks,
-                                      forward_pattern=cache_dit.ForwardPattern.Pattern_1, check_forward_pattern=True)
+    layouts = {SD3Transformer2DModel: ("transformer_blocks", cache_dit.ForwardPattern.Pattern_1, {}),
+               WanTransformer3DModel: ("blocks", cache_dit.ForwardPattern.Pattern_2, {"has_separate_cfg": True})}
+    for kind, (blocks, pattern, extra) in layouts.items():
+        if isinstance(transformer, kind):
+            return cache_dit.BlockAdapter(pipe=pipe, transformer=transformer, blocks=getattr(transformer, blocks),
+                                          forward_pattern=pattern, check_forward_pattern=True, **extra)
     denoiser = type(transformer if transformer is not None else getattr(pipe, "unet", None)).__name__
     raise ConfigError(f"cache-dit on {type(pipe).__name__} ({denoiser}): cache-dit caches the blocks of a "
                       "transformer; it registers no adapter for this pipeline, and postdiff builds one only for "
-                      "SD3's transformer (SD3Transformer2DModel)")
+                      "SD3's and Wan's transformers (SD3Transformer2DModel, WanTransformer3DModel)")
 
 
 def _check_cacheable_blocks(adapter, arguments: dict, spec: str) -> None:
@@ -441,11 +465,11 @@ def _flops_without_attention(counter: FlopCounterMode) -> int:
 @contextlib.contextmanager
 def countable_attention(denoiser):
     """Attention as matrix products the counter sees and separates: the classic processor where the model
-    takes it (U-Nets, PixArt), else PyTorch's math kernel for `scaled_dot_product_attention` (MM-DiTs,
-    whose joint processors are their own)."""
+    takes it (U-Nets, PixArt: diffusers' plain processors), else PyTorch's math kernel for
+    `scaled_dot_product_attention` (MM-DiTs and Wan, whose processors are their own)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if any("Joint" in type(p).__name__ or "Flux" in type(p).__name__ for p in denoiser.attn_processors.values()):
+    if not all(isinstance(p, (AttnProcessor, AttnProcessor2_0)) for p in denoiser.attn_processors.values()):
         with sdpa_kernel(SDPBackend.MATH):
             yield
         return

@@ -9,11 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 from .. import api
 from ..config import PostDiffConfig
 from ..testbed.text import canonical_prompt
+from ..testbed.video_data import MOTIONS
 from .sweep import SweepContext, SweepPoint, SweepStore, grid, point_macs, run_sweep
 
 
@@ -121,14 +123,21 @@ def baseline_row(rows: list[dict]) -> dict | None:
     return max((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"], default=None)
 
 
+# Scores a workload adds to "fd" and "alignment" (the video one: motion accuracy), drawn and tabled where rows have them.
+EXTRA_METRICS = ("motion",)
+AXIS_LABELS = {"fd": "FD (lower is better)", "alignment": "prompt alignment (higher is better)",
+               "motion": "motion accuracy (higher is better)"}
+
+
 def pareto_figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, lower in ((axes[0], "fd", True), (axes[1], "alignment", False)):
+    panels = [("fd", True), ("alignment", False)] + [(name, False) for name in EXTRA_METRICS if all(name in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (metric, lower) in zip(axes, panels):
         fewer = sorted((r for r in rows if is_fewer_steps_only(r)), key=lambda r: r["macs"])
         cheaper = pareto_front([r for r in rows if not is_fewer_steps_only(r)], metric, lower)
         ax.scatter([r["macs"] / 1e9 for r in rows], [r[metric] for r in rows], s=10, color="0.75", label="all configurations")
@@ -138,7 +147,7 @@ def pareto_figure(rows: list[dict], path: Path) -> None:
             front = pareto_front([r for r in rows if method_of(r) == tool], metric, lower)
             ax.plot([r["macs"] / 1e9 for r in front], [r[metric] for r in front], "x--", lw=0.8, label=f"{tool} (its front)")
         ax.set_xlabel("denoiser GMACs per image")
-        ax.set_ylabel("FD (lower is better)" if lower else "prompt alignment (higher is better)")
+        ax.set_ylabel(AXIS_LABELS[metric])
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -175,7 +184,6 @@ def ca_ablation_table(rows: list[dict]) -> str:
 
 def trajectory(pipe, evaluator, config: PostDiffConfig, steps: int, per_class: int, guidance_scale: float, seed: int = 0) -> list[dict]:
     """FD and alignment of the (upsampled) x0 prediction at every step, as in the paper's per-step CLIP figure."""
-    import torch
     import torch.nn.functional as F
 
     api.apply(pipe, config)
@@ -232,6 +240,29 @@ def sample_grid(pipe, point: SweepPoint, guidance_scale: float, per_row: int, pa
     Image.fromarray(grid).resize((per_row * 64, 10 * 64), Image.NEAREST).save(path)
 
 
+def clip_strips(pipe, point: SweepPoint, guidance_scale: float, path: Path, seed: int = 123) -> None:
+    """The video model's samples under `point`: one clip per motion (class i moving with motion i), a prompt a row
+    with its frames left to right in the PNG at `path`, and the same clips tiled 2 x 4 in a GIF beside it; 2x
+    nearest upscale (32 px frames)."""
+    from PIL import Image
+
+    from .workloads import MovingFashion
+
+    workload = MovingFashion()
+    count = len(MOTIONS)
+    indices = [workload.pairs.index((motion, motion)) for motion in range(count)]
+    with point.applied(pipe, workload, guidance_scale) as before_call:
+        clips, _ = workload.generate(pipe, indices, 1, point.steps, guidance_scale, seed, before_call)
+    frames = ((clips[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()  # (clip, F, H, W)
+    _, num_frames, height, width = frames.shape
+    strip = frames.transpose(0, 2, 1, 3).reshape(count * height, num_frames * width)
+    Image.fromarray(strip).resize((num_frames * width * 2, count * height * 2), Image.NEAREST).save(path)
+    tiles = frames.reshape(2, count // 2, num_frames, height, width).transpose(2, 0, 3, 1, 4)
+    tiles = tiles.reshape(num_frames, 2 * height, count // 2 * width)
+    images = [Image.fromarray(tile).resize((tile.shape[1] * 2, tile.shape[0] * 2), Image.NEAREST) for tile in tiles]
+    images[0].save(Path(path).with_suffix(".gif"), save_all=True, append_images=images[1:], duration=125, loop=0)
+
+
 def chosen_rows(rows: list[dict], budget_fractions=(0.4, 0.65)) -> dict[str, dict]:
     """The 20-step-style baseline (the costliest fewer-steps row) and, under each budget, the best-FD
     fewer-steps row and the best-FD cheaper-steps row: the pairs the sample grids put side by side."""
@@ -277,6 +308,9 @@ def context_lines(rows: list[dict], noise_rows: list[dict] | None = None) -> lis
     return lines
 
 
+COLUMN_TITLES = {"motion": "motion", "temporal": "frame-to-frame change vs real"}
+
+
 def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None,
                  grids: dict[str, tuple[dict, str]] | None = None, noise_rows: list[dict] | None = None) -> Path:
     """Figures and report.md; `grids` maps a title to (row, PNG file name) of sample grids already drawn in `out`;
@@ -291,10 +325,13 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     lines = [f"# PostDiff study on {models}", "", *context_lines(rows, noise_rows), "", "![pareto](pareto.png)", ""]
     if curves:
         lines += ["![trajectory](trajectory.png)", ""]
-    lines += ["| configuration | FD | alignment | GMACs | MACs vs baseline |", "|---|---|---|---|---|"]
+    extra = [name for name in ("motion", "temporal") if all(name in r for r in rows)]
+    lines += [f"| configuration | FD | alignment | {''.join(COLUMN_TITLES[n] + ' | ' for n in extra)}GMACs | MACs vs baseline |",
+              "|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for row in sorted(rows, key=lambda r: r["macs"]):
         share = f"{row['macs'] / base['macs']:.0%}" if base else ""
-        lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {row['macs'] / 1e9:.2f} | {share} |")
+        cells = "".join(f"{row[name]:.3f} | " for name in extra)
+        lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {cells}{row['macs'] / 1e9:.2f} | {share} |")
     if base:
         lines += ["", "## At equal MACs, who wins (best FD within the budget, any step count)", "", equal_macs_table(rows)]
     if any(r.get("quantize") for r in rows):
@@ -302,9 +339,14 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     lines += ["", "## Cache modes after the CFG stop: cross-attention, or the text stream on MM-DiTs (FD / alignment)", "",
               ca_ablation_table(rows), ""]
     if grids:
-        lines += ["## Samples (one row per class)", ""]
+        clips = any((out / file_name).with_suffix(".gif").exists() for _, file_name in grids.values())
+        lines += ["## Samples (" + ("one prompt a row, its frames left to right; the GIF plays the same clips"
+                                    if clips else "one row per class") + ")", ""]
         for title, (row, file_name) in grids.items():
-            lines += [f"**{title}**: {row['describe']} (FD {row['fd']:.2f}, {row['macs'] / 1e9:.2f} GMACs)", "", f"![{title}]({file_name})", ""]
+            gif = Path(file_name).with_suffix(".gif").name
+            animated = f" ![{title}, playing]({gif})" if (out / gif).exists() else ""
+            lines += [f"**{title}**: {row['describe']} (FD {row['fd']:.2f}, {row['macs'] / 1e9:.2f} GMACs)", "",
+                      f"![{title}]({file_name}){animated}", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -102,28 +102,31 @@ def point_key(point: SweepPoint, context: SweepContext) -> str:
 
 def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(None,), ca_modes=("cond",),
          presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,),
-         switch_noises=("iid",), low_res_shifts=("full",), quantizations=("",)) -> list[SweepPoint]:
-    """The cartesian grid, with invalid combinations (switch without beta < 1, progressive stages without a
-    switch) left out and duplicates merged; presets and external methods are added at every step count.
+         switch_noises=("iid",), low_res_shifts=("full",), quantizations=("",), temporal_betas=(1.0,)) -> list[SweepPoint]:
+    """The cartesian grid, with invalid combinations (switch without beta or temporal_beta < 1, progressive stages
+    without a switch, block noise with temporal_beta < 1) left out and duplicates merged; presets and external methods are added at every step count.
 
     `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
-    use and the one the published study measured. Likewise `switch_noises` and `low_res_shifts` apply to configs
-    with a switch. Every point is made once per entry of `quantizations` ("" for the float denoiser)."""
+    use and the one the published study measured. Likewise `switch_noises`, `low_res_shifts` and `temporal_betas`
+    (video: the low phase's frames; with beta 1, in time only) apply to configs with a switch. Every point is made once per entry of `quantizations` ("" for the float denoiser)."""
     for name in filter(None, quantizations):
         check_quantization(name)
     for beta in betas:  # a value out of range is refused here, not left out below as an invalid combination
         PostDiffConfig(beta=beta)
     for switch in switches:
         PostDiffConfig(beta=0.5, switch=switch)
+    for temporal_beta in temporal_betas:
+        PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=temporal_beta)
     points = []
-    for n, beta, switch, interval, branch, stop, mode, stages, noise, shift in itertools.product(
+    for n, beta, switch, interval, branch, stop, mode, stages, noise, shift, frames in itertools.product(
             steps, betas, switches, cache_intervals, cache_branches, cfg_stops, ca_modes, progressives, switch_noises,
-            low_res_shifts):
-        if (switch > 0) != (beta < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch):
+            low_res_shifts, temporal_betas):
+        if (switch > 0) != (beta < 1 or frames < 1) or (stop is None and mode != ca_modes[0]) or (stages and not switch) \
+                or (noise == "block" and frames < 1) or (stages and beta == 1):
             continue
         caching = {"cache_interval": interval, "cache_branch": branch} if interval > 1 else {}
-        noise = {"switch_noise": noise, "low_res_shift": shift} if switch > 0 else {}
+        noise = {"switch_noise": noise, "low_res_shift": shift, "temporal_beta": frames} if switch > 0 else {}
         config = PostDiffConfig(beta=beta, switch=switch, cfg_stop=stop, ca_mode=mode, progressive=stages, **caching, **noise)
         points.append(SweepPoint(config, n))
     points += [SweepPoint(PostDiffConfig.preset(name, family=family), n) for name in presets for n in steps]

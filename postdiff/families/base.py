@@ -151,7 +151,7 @@ class Family:
         but the last segment; a guidance rescale only while CFG runs (`guided`: the segment's first step guides;
         after the CFG stop the output is the conditional one, as without CFG)."""
         segment = dict(arguments)
-        if phase.scale != 1.0:
+        if not last:  # every phase before the last is smaller: in space, or (temporal_beta with beta 1) in time only
             segment.update(self.segment_size(phase))
         if latents is not None and "latents" in self.args:  # else `segment_methods` brings them in
             segment["latents"] = latents
