@@ -25,7 +25,7 @@ sweep --steps 20 --beta 0.75 --switch 0.5                                     # 
 sweep --steps 20 --switch 0.25,0.5,0.75 --temporal-beta 3/7                   # in time: 4 of the 8 frames, full size
 sweep --steps 20 --switch 0.5 --temporal-beta 1/7                             #   2 frames
 sweep --steps 20 --beta 0.5,0.75 --switch 0.5 --temporal-beta 3/7             # in space and time
-sweep --steps 20 --cache-interval 2,3 --cache-branch 0,1                      # block caching
+sweep --steps 20 --cache-interval 2,3,4                                      # block caching (4 blocks: branch 0 only)
 sweep --steps 20 --cfg-stop 5,10,15 --ca-mode cond,none                       # cross-attention cache / CFG stop alone
 sweep --steps 8,10,14 --cache-interval 2,3                                    # block caching with fewer steps
 sweep --steps 8,10,14,20 --preset paper                                       # the paper's combination, fewer steps too

@@ -211,6 +211,16 @@ def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float, workload:
     return plan_macs_per_image(pipe, api.plan_call(pipe, **arguments))
 
 
+def check_plans(pipe, points: list[SweepPoint], guidance_scale: float, workload: Workload) -> None:
+    """Every PostDiff point planned on `pipe` before the first is scored: a setting this model refuses (a cache
+    branch beyond its blocks, a beta its size cannot take) stops the sweep before any compute, not midway."""
+    for point in points:
+        if not point.external:
+            with api.applied(pipe, point.config):
+                api.plan_call(pipe, prompt=workload.prompts[0], num_inference_steps=point.steps,
+                              guidance_scale=guidance_scale, **workload.call_arguments)
+
+
 def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
     """Score every point not in the store yet; returns the store's rows for `points` (old and new), in the
     order of `points`.
@@ -222,6 +232,7 @@ def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepSt
     state = PartialState()
     done = store.keys()
     todo = [point for point in points if point_key(point, context) not in done]
+    check_plans(pipe, todo, context.guidance_scale, workload)
     advance = progress(len(todo)) if progress is not None else (lambda: None)
     for point in todo:
         row = score_point(pipe, workload, point, context, state)
