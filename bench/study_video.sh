@@ -36,6 +36,12 @@ sweep --steps 6,10,14,20 --external first-block-cache:threshold=0.2 --external t
 sweep --steps 10,20 --external cache-dit:rdt=0.2,Fn=1,ws=4                    # cache-dit's DBCache
                                                                               # (needs the external extra: pip install -e ".[external]")
 sweep --steps 20 --seed 1 --store "$OUT/noise.jsonl"                          # the noise: the baseline on other seeds
+# the front's rows on seed 1 too: a difference between them is read against their own second seed (docs/findings.md)
+sweep --steps 6,8,10 --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 10,20 --switch 0.5 --temporal-beta 3/7 --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 8 --preset paper --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 20 --beta 0.5 --switch 0.5 --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 20 --cfg-stop 10 --ca-mode none --seed 1 --store "$OUT/noise.jsonl"
 
 $POSTDIFF report --model testbed-video --store "$STORE" --out "$OUT" --per-class "$PER_CLASS" \
     --guidance-scale "$GUIDANCE" --noise "$OUT/noise.jsonl"

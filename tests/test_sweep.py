@@ -48,6 +48,40 @@ def test_grid_gives_low_resolution_shifts_and_switch_noises_only_to_configs_with
         for noise in ("iid", "block") for shift in ("full", "own")]
 
 
+def test_grid_gives_temporal_betas_to_switches_in_time_only_or_with_space_and_never_with_block_noise():
+    points = grid([8], betas=[1.0, 0.5], switches=[0, 0.5], temporal_betas=[1.0, 3 / 7], switch_noises=["iid", "block"])
+    assert [p.config for p in points] == [
+        PostDiffConfig(),
+        PostDiffConfig(switch=0.5, temporal_beta=3 / 7),  # beta 1: fewer frames at full size
+        PostDiffConfig(beta=0.5, switch=0.5), PostDiffConfig(beta=0.5, switch=0.5, temporal_beta=3 / 7),
+        PostDiffConfig(beta=0.5, switch=0.5, switch_noise="block")]
+    assert grid([8], betas=[0.5], switches=[0.5])[0].config.to_dict() == PostDiffConfig(beta=0.5, switch=0.5).to_dict()
+
+
+def test_sweep_cli_reads_temporal_betas_as_fractions_and_refuses_a_bad_one_before_loading_anything(tmp_path):
+    from postdiff.cli import _grid_arguments
+
+    assert _grid_arguments({"temporal_beta": "1,3/7,0.5"})["temporal_betas"] == [1.0, 3 / 7, 0.5]
+    result = subprocess.run([sys.executable, "-m", "postdiff.cli", "sweep", "--switch", "0.5", "--temporal-beta", "3/2",
+                             "--store", str(tmp_path / "s.jsonl")], env=environment(), capture_output=True, text=True)
+    assert result.returncode == 2 and "temporal_beta=1.5 is not allowed: expected a number in (0, 1]" in result.stdout
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_a_point_the_model_refuses_stops_the_sweep_before_any_point_is_scored(tmp_path):
+    from postdiff.config import ConfigError
+    from postdiff.evaluation.sweep import run_sweep
+    from postdiff.evaluation.workloads import FashionClasses
+    from postdiff.testbed.model import load_pipeline
+
+    pipe = load_pipeline()
+    store = SweepStore(tmp_path / "store.jsonl")
+    points = grid([2], cache_intervals=[2], cache_branches=[0, 99])  # the testbed U-Net has no branch 99
+    with pytest.raises(ConfigError, match="cache_branch=99 is not allowed"):
+        run_sweep(pipe, FashionClasses(), points, store, SweepContext(per_class=2))
+    assert store.rows() == []
+
+
 def test_sweep_lists_read_none_as_no_cfg_stop_and_as_the_none_cache_mode():
     from postdiff.cli import _values
 

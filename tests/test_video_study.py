@@ -150,6 +150,18 @@ def test_the_report_of_video_rows_tables_motion_and_shows_strips_with_their_gifs
     assert "![baseline](samples_0.png) ![baseline, playing](samples_0.gif)" in text
     assert "moving-fashion-mnist" not in text and "the shipped clip evaluator" in text
     assert Image.open(tmp_path / "pareto.png").size[0] > 1.4 * 11 * 110  # a third panel: motion accuracy
+    assert "On a second seed" not in text
+
+
+def test_rows_scored_on_a_second_seed_are_tabled_beside_their_first(tmp_path):
+    rows = study_rows()
+    second = [dict(row, context=dict(row["context"], seed=1), fd=row["fd"] + 1, motion=0.5) for row in rows[::2]]
+    text = write_report(rows, tmp_path, noise_rows=second).read_text()
+    assert "Noise: 2 steps, off on seed 1: FD 13.00, alignment 0.400 (seed 0: 12.00, 0.400)." in text
+    assert "| configuration | GMACs | FD (seed 0, 1, mean) | prompt alignment (seed 0, 1, mean) | motion accuracy (seed 0, 1, mean) |" in text
+    table = text.split("## On a second seed")[1]
+    assert "| 2 steps, switch=0.5 temporal_beta=3/7 | 0.75 | 12.50, 13.50, 13.00 | 0.400, 0.400, 0.400 | 0.600, 0.500, 0.550 |" in table
+    assert table.index("temporal_beta=3/7") < table.index("2 steps, off") and "1 steps, off" not in table
 
 
 def test_report_cli_on_the_video_model_draws_strips_and_gifs_and_skips_trajectories(tmp_path):

@@ -311,6 +311,24 @@ def context_lines(rows: list[dict], noise_rows: list[dict] | None = None) -> lis
 COLUMN_TITLES = {"motion": "motion", "temporal": "frame-to-frame change vs real"}
 
 
+def seeds_table(rows: list[dict], noise_rows: list[dict]) -> str:
+    """Every row scored on another seed too, beside it: each score on both seeds and their mean, so a difference
+    between configurations is read against the spread of each (the same prompts and images per prompt)."""
+    seeded = {row["describe"]: row for row in rows}
+    names = ["fd", "alignment"] + [name for name in EXTRA_METRICS if all(name in r for r in rows + noise_rows)]
+    header = " | ".join(f"{AXIS_LABELS[name].split(' (')[0]} (seed {{0}}, {{1}}, mean)" for name in names)
+    pairs = [(seeded[noise["describe"]], noise) for noise in noise_rows if noise["describe"] in seeded]
+    if not pairs:
+        return ""
+    first, second = pairs[0][0]["context"]["seed"], pairs[0][1]["context"]["seed"]
+    lines = [f"| configuration | GMACs | {header.format(first, second)} |", "|---|---|" + "---|" * len(names)]
+    for row, noise in sorted(pairs, key=lambda pair: pair[0]["macs"]):
+        cells = [f"{row[n]:.3f}, {noise[n]:.3f}, {(row[n] + noise[n]) / 2:.3f}" if n != "fd" else
+                 f"{row[n]:.2f}, {noise[n]:.2f}, {(row[n] + noise[n]) / 2:.2f}" for n in names]
+        lines.append(f"| {row['describe']} | {row['macs'] / 1e9:.2f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | None = None,
                  grids: dict[str, tuple[dict, str]] | None = None, noise_rows: list[dict] | None = None) -> Path:
     """Figures and report.md; `grids` maps a title to (row, PNG file name) of sample grids already drawn in `out`;
@@ -334,6 +352,9 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
         lines.append(f"| {row['describe']} | {row['fd']:.2f} | {row['alignment']:.3f} | {cells}{row['macs'] / 1e9:.2f} | {share} |")
     if base:
         lines += ["", "## At equal MACs, who wins (best FD within the budget, any step count)", "", equal_macs_table(rows)]
+    seeds = seeds_table(rows, noise_rows or [])
+    if seeds.count("\n") > 2:  # more than the baseline, which the noise line above names already
+        lines += ["", "## On a second seed", "", seeds]
     if any(r.get("quantize") for r in rows):
         lines += ["", "## Quantized denoisers (torchao int8, postdiff/quantization.py)", "", quantization_table(rows)]
     lines += ["", "## Cache modes after the CFG stop: cross-attention, or the text stream on MM-DiTs (FD / alignment)", "",
