@@ -29,7 +29,11 @@ sweep --steps 20 --cache-interval 2,3,4                                      # b
 sweep --steps 20 --cfg-stop 5,10,15 --ca-mode cond,none                       # cross-attention cache / CFG stop alone
 sweep --steps 8,10,14 --cache-interval 2,3                                    # block caching with fewer steps
 sweep --steps 8,10,14,20 --preset paper                                       # the paper's combination, fewer steps too
-sweep --steps 10,14 --switch 0.5 --temporal-beta 3/7                          # time with fewer steps
+sweep --steps 6,8,10,14 --switch 0.5 --temporal-beta 3/7                      # time with fewer steps
+sweep --steps 6 --preset paper                                                #   and the paper's combination under 20%
+sweep --steps 8 --cfg-stop 4 --ca-mode none                                   # CFG stop at half the steps, fewer steps
+sweep --steps 10 --cfg-stop 5 --ca-mode none
+sweep --steps 14 --cfg-stop 7 --ca-mode none
 sweep --steps 10,14,20 --beta 0.75 --switch 0.5 --temporal-beta 3/7 --cache-interval 2  # space, time and blocks
 sweep --steps 6,10,14,20 --external first-block-cache:threshold=0.2 --external taylorseer:interval=3 \
     --external magcache:threshold=0.06,max_skip=2                             # diffusers' caches
@@ -42,6 +46,10 @@ sweep --steps 10,20 --switch 0.5 --temporal-beta 3/7 --seed 1 --store "$OUT/nois
 sweep --steps 8 --preset paper --seed 1 --store "$OUT/noise.jsonl"
 sweep --steps 20 --beta 0.5 --switch 0.5 --seed 1 --store "$OUT/noise.jsonl"
 sweep --steps 20 --cfg-stop 10 --ca-mode none --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 8 --cfg-stop 4 --ca-mode none --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 10 --cfg-stop 5 --ca-mode none --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 4 --seed 1 --store "$OUT/noise.jsonl"
+sweep --steps 6 --switch 0.5 --temporal-beta 3/7 --seed 1 --store "$OUT/noise.jsonl"
 
 $POSTDIFF report --model testbed-video --store "$STORE" --out "$OUT" --per-class "$PER_CLASS" \
     --guidance-scale "$GUIDANCE" --noise "$OUT/noise.jsonl"

@@ -26,6 +26,7 @@ PRESET_SOURCES = {
     "pixart": "paper (beta 3/4)",
     **{family: "measured on the embedded flow model" for family in FLOW_FAMILIES},
     **{family: "untested default (the flow model's)" for family in UNTESTED_FLOW_FAMILIES},
+    "wan": "the flow model's; measured on the embedded video model, it loses to fewer steps (docs/study-video)",
 }
 
 
