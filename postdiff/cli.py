@@ -174,11 +174,14 @@ def generate(
     model: Optional[str] = typer.Option(None, help="local folder or hub id; default: the embedded testbed model"),
     guidance_scale: Optional[float] = typer.Option(None, help="default: the model's documented value"),
     negative_prompt: str = typer.Option(""),
+    quantize: str = typer.Option("none", help="the denoiser of both runs quantized with torchao: none, int8-weight or "
+                                 "int8-dynamic (the quantization extra)"),
 ):
     """Generate with PostDiff and with the baseline ("off"), same seed; print wall time and MACs of both."""
     from .generate import run_generate
 
-    run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console)
+    run_generate(prompt, config_flags, num_images, seed, out, steps, model, guidance_scale, negative_prompt, console,
+                 quantization_value(quantize))
 
 
 @app.command()

@@ -15,6 +15,7 @@ from . import api
 from .config import PostDiffConfig, build_config
 from .loading import call_defaults, is_testbed, load_pipeline
 from .models import plan_macs_per_image
+from .quantization import denoiser_name, quantize_denoiser, torchao_config, weight_bytes
 from .testbed.data import CLASS_NAMES
 from .testbed.text import classes_named
 
@@ -68,10 +69,15 @@ def batch_argument(pipe) -> str:
         else "num_images_per_prompt"
 
 
-def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model, guidance_scale, negative_prompt, console):
+def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model, guidance_scale, negative_prompt, console,
+                 quantize: str = ""):
+    """`quantize`: a name of postdiff.quantization for the denoiser of both runs ("" keeps it float), so the saving
+    printed is PostDiff's on top of the quantized model."""
     warning = embedded_model_warning(prompt, model)
     if warning:
         console.print("[yellow]warning:[/yellow] " + escape(warning))  # a prompt may hold [markup]
+    if quantize:
+        torchao_config(quantize)  # an unknown name, or torchao missing: refused before the model loads
     pipe, default_guidance = load_pipeline(model)
     config = build_config(api.preset_family(pipe), **config_flags) if any(v is not None for v in config_flags.values()) \
         else PostDiffConfig.preset("paper", family=api.preset_family(pipe))
@@ -81,6 +87,8 @@ def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model
         arguments["output_type"] = "pil"  # clips as lists of PIL frames
     with api.applied(pipe, config):
         api.plan_call(pipe, **arguments)  # refuses a bad config before anything runs
+    if quantize:
+        quantize_denoiser(pipe, quantize)
     # One short untimed call first: the first call of a process pays one-off costs (allocator, kernels) that
     # would otherwise be charged to the baseline, which runs first.
     pipe(**{**arguments, "num_inference_steps": 2, batch_argument(pipe): 1, "output_type": "latent"})
@@ -90,7 +98,9 @@ def run_generate(prompt, config_flags, num_images, seed, out: Path, steps, model
         images, seconds, macs = timed_run(pipe, run_config, arguments, seed)
         save(images, out, "postdiff" if run_config is config else "baseline")
         results[label] = (seconds, macs)
-    console.print(f"postdiff config: {config.describe()}; {steps} steps, guidance {arguments['guidance_scale']}")
+    denoiser = getattr(pipe, denoiser_name(pipe))
+    precision = f"; denoiser {quantize}, {weight_bytes(denoiser) / 2**20:.2f} MB of weights" if quantize else ""
+    console.print(f"postdiff config: {config.describe()}; {steps} steps, guidance {arguments['guidance_scale']}{precision}")
     _print_summary(console, results, out, num_images)
 
 

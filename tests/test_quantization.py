@@ -129,3 +129,32 @@ def test_sweep_points_name_their_quantization_and_float_points_keep_their_stored
         assert point_key(point_of(row), context) == row["key"]
     for row in stored:
         assert point_of(row).quantize == row.get("quantize", "")
+
+
+def test_generate_runs_both_calls_on_the_quantized_denoiser_and_refuses_a_bad_name_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from postdiff.cli import app
+
+    command = ["generate", "a photo of a bag", "--num-images", "1", "--steps", "4"]
+    result = CliRunner().invoke(app, [*command, "--quantize", "int8-weight", "--out", str(tmp_path / "int8")])
+    assert result.exit_code == 0, result.output
+    pipe, _ = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    float_megabytes = weight_bytes(pipe.unet) / 2**20
+    run = dict(prompt="a photo of a bag", negative_prompt="", num_images_per_prompt=1, num_inference_steps=4,
+               guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    floating = np.asarray(pipe(**run).images[0])
+    quantize_denoiser(pipe, "int8-weight")
+    assert f"denoiser int8-weight, {weight_bytes(pipe.unet) / 2**20:.2f} MB of weights" in result.output
+    assert weight_bytes(pipe.unet) / 2**20 < float_megabytes
+    assert {p.name for p in (tmp_path / "int8").iterdir()} >= {"baseline_000.png", "postdiff_000.png"}
+    from PIL import Image
+
+    saved = np.asarray(Image.open(tmp_path / "int8" / "baseline_000.png"))
+    run["generator"] = torch.Generator().manual_seed(0)
+    assert np.array_equal(saved, np.asarray(pipe(**run).images[0]))  # the baseline ran on the int8 denoiser
+    assert not np.array_equal(saved, floating)
+    refused = CliRunner().invoke(app, [*command, "--quantize", "int4", "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "quantize='int4' is not allowed: expected one of int8-weight, int8-dynamic" in refused.output
+    assert not (tmp_path / "bad").exists()
