@@ -313,18 +313,19 @@ COLUMN_TITLES = {"motion": "motion", "temporal": "frame-to-frame change vs real"
 
 def seeds_table(rows: list[dict], noise_rows: list[dict]) -> str:
     """Every row scored on another seed too, beside it: each score on both seeds and their mean, so a difference
-    between configurations is read against the spread of each (the same prompts and images per prompt)."""
+    between configurations is read against the spread of each (the same prompts and images per prompt). Empty
+    unless more than one row is (the baseline alone is the report's noise line)."""
     seeded = {row["describe"]: row for row in rows}
-    names = ["fd", "alignment"] + [name for name in EXTRA_METRICS if all(name in r for r in rows + noise_rows)]
-    header = " | ".join(f"{AXIS_LABELS[name].split(' (')[0]} (seed {{0}}, {{1}}, mean)" for name in names)
     pairs = [(seeded[noise["describe"]], noise) for noise in noise_rows if noise["describe"] in seeded]
-    if not pairs:
+    if len(pairs) < 2:
         return ""
-    first, second = pairs[0][0]["context"]["seed"], pairs[0][1]["context"]["seed"]
-    lines = [f"| configuration | GMACs | {header.format(first, second)} |", "|---|---|" + "---|" * len(names)]
+    names = ["fd", "alignment"] + [name for name in EXTRA_METRICS if all(name in r for r in rows + noise_rows)]
+    seeds = f"seed {pairs[0][0]['context']['seed']}, {pairs[0][1]['context']['seed']}, mean"
+    header = " | ".join(f"{AXIS_LABELS[name].split(' (')[0]} ({seeds})" for name in names)
+    lines = [f"| configuration | GMACs | {header} |", "|---|---|" + "---|" * len(names)]
+    digits = {name: 2 if name == "fd" else 3 for name in names}
     for row, noise in sorted(pairs, key=lambda pair: pair[0]["macs"]):
-        cells = [f"{row[n]:.3f}, {noise[n]:.3f}, {(row[n] + noise[n]) / 2:.3f}" if n != "fd" else
-                 f"{row[n]:.2f}, {noise[n]:.2f}, {(row[n] + noise[n]) / 2:.2f}" for n in names]
+        cells = [", ".join(f"{value:.{digits[n]}f}" for value in (row[n], noise[n], (row[n] + noise[n]) / 2)) for n in names]
         lines.append(f"| {row['describe']} | {row['macs'] / 1e9:.2f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -343,7 +344,7 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     lines = [f"# PostDiff study on {models}", "", *context_lines(rows, noise_rows), "", "![pareto](pareto.png)", ""]
     if curves:
         lines += ["![trajectory](trajectory.png)", ""]
-    extra = [name for name in ("motion", "temporal") if all(name in r for r in rows)]
+    extra = [name for name in COLUMN_TITLES if all(name in r for r in rows)]
     lines += [f"| configuration | FD | alignment | {''.join(COLUMN_TITLES[n] + ' | ' for n in extra)}GMACs | MACs vs baseline |",
               "|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for row in sorted(rows, key=lambda r: r["macs"]):
@@ -353,7 +354,7 @@ def write_report(rows: list[dict], out: Path, curves: dict[str, list[dict]] | No
     if base:
         lines += ["", "## At equal MACs, who wins (best FD within the budget, any step count)", "", equal_macs_table(rows)]
     seeds = seeds_table(rows, noise_rows or [])
-    if seeds.count("\n") > 2:  # more than the baseline, which the noise line above names already
+    if seeds:
         lines += ["", "## On a second seed", "", seeds]
     if any(r.get("quantize") for r in rows):
         lines += ["", "## Quantized denoisers (torchao int8, postdiff/quantization.py)", "", quantization_table(rows)]

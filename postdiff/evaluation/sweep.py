@@ -104,12 +104,14 @@ def grid(steps, betas=(1.0,), switches=(0.0,), cache_intervals=(1,), cfg_stops=(
          presets=(), family: str = "testbed", progressives=((),), externals=(), cache_branches=(1,),
          switch_noises=("iid",), low_res_shifts=("full",), quantizations=("",), temporal_betas=(1.0,)) -> list[SweepPoint]:
     """The cartesian grid, with invalid combinations (switch without beta or temporal_beta < 1, progressive stages
-    without a switch, block noise with temporal_beta < 1) left out and duplicates merged; presets and external methods are added at every step count.
+    without a switch or after beta 1, block noise with temporal_beta < 1) left out and duplicates merged; presets
+    and external methods are added at every step count.
 
     `cache_branches` apply to configs with DeepCache on (cache interval > 1); the others keep the config's
     default branch, which does nothing there. The default, branch 1, is the branch the paper's DeepCache FLOPs
     use and the one the published study measured. Likewise `switch_noises`, `low_res_shifts` and `temporal_betas`
-    (video: the low phase's frames; with beta 1, in time only) apply to configs with a switch. Every point is made once per entry of `quantizations` ("" for the float denoiser)."""
+    (video: the low phase's frames; with beta 1, in time only) apply to configs with a switch. Every point is made
+    once per entry of `quantizations` ("" for the float denoiser)."""
     for name in filter(None, quantizations):
         check_quantization(name)
     for beta in betas:  # a value out of range is refused here, not left out below as an invalid combination
@@ -204,8 +206,7 @@ def point_macs(pipe, point: SweepPoint, guidance_scale: float, workload: Workloa
 def applied_point_macs(pipe, point: SweepPoint, guidance_scale: float, workload: Workload) -> float:
     """Denoiser MACs per image of `point`, with its method already applied to `pipe`: from PostDiff's plan, or
     measured for an external method."""
-    arguments = dict(prompt=workload.prompts[0], num_inference_steps=point.steps, guidance_scale=guidance_scale,
-                     **workload.call_arguments)
+    arguments = planned_call(point, guidance_scale, workload)
     if point.external:
         return measured_denoiser_macs(pipe, **arguments, output_type="np", generator=torch.Generator().manual_seed(0))
     return plan_macs_per_image(pipe, api.plan_call(pipe, **arguments))
@@ -217,8 +218,13 @@ def check_plans(pipe, points: list[SweepPoint], guidance_scale: float, workload:
     for point in points:
         if not point.external:
             with api.applied(pipe, point.config):
-                api.plan_call(pipe, prompt=workload.prompts[0], num_inference_steps=point.steps,
-                              guidance_scale=guidance_scale, **workload.call_arguments)
+                api.plan_call(pipe, **planned_call(point, guidance_scale, workload))
+
+
+def planned_call(point: SweepPoint, guidance_scale: float, workload: Workload) -> dict:
+    """The call a point's MACs are planned (or measured) on: the workload's first prompt at the point's steps."""
+    return dict(prompt=workload.prompts[0], num_inference_steps=point.steps, guidance_scale=guidance_scale,
+                **workload.call_arguments)
 
 
 def run_sweep(pipe, workload: Workload, points: list[SweepPoint], store: SweepStore, context: SweepContext, progress=None) -> list[dict]:
